@@ -1,0 +1,3 @@
+"""prismrec: multimodal sequential recommendation enhanced by multimodal LLMs."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,19 @@
+"""The ``prismrec`` command line: a thin layer over the library (typer)."""
+
+from __future__ import annotations
+
+import typer
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, help="prismrec: MLLM-enhanced sequential recommendation")
+data_app = typer.Typer(no_args_is_help=True, help="Inspect, download and prepare datasets.")
+app.add_typer(data_app, name="data")
+
+# --- sub-command registration (each stage's package owns its commands) -----------------------------
+from prismrec import cli_data as _cli_data  # noqa: E402,F401  (data commands)
+from prismrec import cli_train as _cli_train  # noqa: E402,F401  (train, evaluate)
+
+# (more stages register here)
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,148 @@
+"""The small interfaces every recommender in prismrec implements.
+
+* :class:`ItemEncoder` turns item ids into vectors. The plain one is an ID embedding table; enhanced
+  models (DMESR, the baselines) plug in encoders built from MLLM-derived semantics instead.
+* :class:`SequenceBackbone` turns a sequence of item *vectors* into one hidden state per position
+  (SASRec, BERT4Rec, GRU4Rec): it never sees ids, so any item encoder can feed any backbone.
+* :class:`Recommender` is what the trainer and the evaluators talk to: ``training_batch``,
+  ``training_loss`` and ``score``. :class:`SequentialRecommender` glues an item encoder and a backbone
+  together with next-item training (every position predicts the following item).
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from pydantic import BaseModel
+from torch import nn
+
+from prismrec.config import ModelConfig
+from prismrec.data.split import LeaveOneOutSplit
+from prismrec.evaluation.evaluators import pad_left
+from prismrec.models.losses import bce_one_negative, full_softmax_ce
+
+
+class ItemEncoder(nn.Module):
+    """Item ids (any shape) -> vectors (same shape + (dim,)); id 0 is padding."""
+
+    dim: int
+    n_items: int
+
+    def all_items(self) -> torch.Tensor:
+        """(n_items + 1, dim) table of every item's vector, row 0 = padding."""
+        return self(torch.arange(self.n_items + 1, device=self.device_hint()))
+
+    def device_hint(self) -> torch.device:
+        param = next(self.parameters(), None)
+        return param.device if param is not None else torch.device("cpu")
+
+
+class IdItemEmbedding(ItemEncoder):
+    """A learned embedding per item id (the "ID embedding" of plain sequential recommenders)."""
+
+    def __init__(self, n_items: int, dim: int) -> None:
+        super().__init__()
+        self.n_items = n_items
+        self.dim = dim
+        self.embedding = nn.Embedding(n_items + 1, dim, padding_idx=0)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.embedding(ids)
+
+    def all_items(self) -> torch.Tensor:
+        return self.embedding.weight
+
+
+class SequenceBackbone(nn.Module):
+    """(B, L, d) item vectors + (B, L) padding mask (True = padding) -> (B, L, d) hidden states."""
+
+    causal: ClassVar[bool] = True
+
+    def forward(self, item_vectors: torch.Tensor, padding_mask: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class Recommender(nn.Module):
+    """What the trainer and the evaluators need from a model."""
+
+    Config: ClassVar[type[ModelConfig]]
+    trainable: ClassVar[bool] = True
+    max_len: int
+
+    @classmethod
+    def build(cls, config: Any, split: LeaveOneOutSplit) -> Recommender:
+        raise NotImplementedError
+
+    def training_batch(self, sequences: list[np.ndarray], rng: np.random.Generator) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def training_loss(self, batch: dict[str, torch.Tensor], loss: str) -> torch.Tensor:
+        raise NotImplementedError
+
+    def score(self, inputs: torch.Tensor, candidates: torch.Tensor | None) -> torch.Tensor:
+        raise NotImplementedError
+
+
+def sample_training_negatives(targets: np.ndarray, sequences: list[np.ndarray], n_items: int,
+                              rng: np.random.Generator) -> np.ndarray:
+    """One uniform negative per target position, never an item of that user's training sequence."""
+    negatives = rng.integers(1, n_items + 1, size=targets.shape)
+    for row, seq in enumerate(sequences):
+        seen = np.unique(seq)
+        clash = np.isin(negatives[row], seen)
+        while clash.any():
+            negatives[row, clash] = rng.integers(1, n_items + 1, size=int(clash.sum()))
+            clash = np.isin(negatives[row], seen)
+    return np.where(targets > 0, negatives, 0)
+
+
+class SequentialRecommender(Recommender):
+    """Item encoder + backbone, trained to predict the next item at every position."""
+
+    def __init__(self, item_encoder: ItemEncoder, backbone: SequenceBackbone, max_len: int) -> None:
+        super().__init__()
+        self.item_encoder = item_encoder
+        self.backbone = backbone
+        self.max_len = max_len
+
+    @property
+    def n_items(self) -> int:
+        return self.item_encoder.n_items
+
+    def encode(self, inputs: torch.Tensor) -> torch.Tensor:
+        """(B, L) item ids -> (B, L, d) hidden states."""
+        return self.backbone(self.item_encoder(inputs), inputs == 0)
+
+    def output_items(self) -> torch.Tensor:
+        """Vectors items are scored with (shared with the input embedding, as in SASRec)."""
+        return self.item_encoder.all_items()
+
+    def user_vectors(self, inputs: torch.Tensor) -> torch.Tensor:
+        return self.encode(inputs)[:, -1, :]
+
+    def score(self, inputs: torch.Tensor, candidates: torch.Tensor | None) -> torch.Tensor:
+        users = self.user_vectors(inputs)
+        table = self.output_items()
+        if candidates is None:
+            return users @ table.T
+        return torch.einsum("bd,bcd->bc", users, table[candidates])
+
+    def training_batch(self, sequences: list[np.ndarray], rng: np.random.Generator) -> dict[str, torch.Tensor]:
+        inputs = pad_left([s[:-1] for s in sequences], self.max_len)
+        targets = pad_left([s[1:] for s in sequences], self.max_len)
+        negatives = sample_training_negatives(targets.numpy(), sequences, self.n_items, rng)
+        return {"inputs": inputs, "targets": targets, "negatives": torch.from_numpy(negatives)}
+
+    def training_loss(self, batch: dict[str, torch.Tensor], loss: str) -> torch.Tensor:
+        hidden = self.encode(batch["inputs"])
+        mask = batch["targets"] > 0
+        table = self.output_items()
+        if loss == "ce":
+            return full_softmax_ce(hidden, table, batch["targets"], mask)
+        return bce_one_negative(hidden, table[batch["targets"]], table[batch["negatives"]], mask)
+
+
+def options_summary(config: BaseModel) -> str:
+    return ", ".join(f"{k}={v}" for k, v in config.model_dump().items())

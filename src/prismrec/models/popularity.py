@@ -1,0 +1,43 @@
+"""Most-popular ranker: every user gets items ordered by their training-interaction count.
+
+A sanity floor for the evaluators: any sequential model worth training must beat it.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar, Literal
+
+import numpy as np
+import torch
+
+from prismrec.config import ModelConfig
+from prismrec.data.split import LeaveOneOutSplit
+from prismrec.models.base import Recommender
+from prismrec.models.registry import MODELS
+
+
+class PopularityConfig(ModelConfig):
+    name: Literal["popularity"] = "popularity"
+    max_len: int = 1
+
+
+@MODELS.register("popularity")
+class Popularity(Recommender):
+    Config = PopularityConfig
+    trainable: ClassVar[bool] = False
+
+    def __init__(self, counts: np.ndarray, max_len: int = 1) -> None:
+        super().__init__()
+        self.register_buffer("counts", torch.as_tensor(counts, dtype=torch.float32))
+        self.max_len = max_len
+
+    @classmethod
+    def build(cls, config: PopularityConfig, split: LeaveOneOutSplit) -> Popularity:
+        counts = np.bincount(np.concatenate(split.train_sequences), minlength=split.dataset.n_items + 1)
+        counts[0] = 0
+        return cls(counts.astype(np.float32), config.max_len)
+
+    def score(self, inputs: torch.Tensor, candidates: torch.Tensor | None) -> torch.Tensor:
+        if candidates is None:
+            return self.counts.expand(inputs.shape[0], -1)
+        return self.counts[candidates]

@@ -157,9 +157,11 @@ def fetch_images_command(
     max_mb: Annotated[float, typer.Option(help="refuse images larger than this many MB")] = 10.0,
     retry_failed: Annotated[bool, typer.Option("--retry-failed", help="ask again for URLs that failed "
                                                "permanently in an earlier run")] = False,
-    cache_dir: Annotated[Path | None, typer.Option(help="image cache (default: $PRISMREC_HOME/cache/images)")] = None,
 ) -> None:
-    """Download DATASET's item images given as http/https URLs into the resumable image cache."""
+    """Download DATASET's item images given as http/https URLs into the resumable image cache.
+
+    The cache is $PRISMREC_HOME/cache/images; loaders find fetched images there by URL.
+    """
     import json
 
     from pydantic import ValidationError
@@ -189,7 +191,7 @@ def fetch_images_command(
         return
     urls = [u for u in catalogue["image_url"] if isinstance(u, str) and u]
     console.print(f"{dataset}: {len(catalogue):,} items, {len(urls):,} with an image URL")
-    cache = ImageCache(cache_dir)
+    cache = ImageCache()
     report = fetch_images(urls, cache, fetch_options)
     summary = report.to_json()
     console.print(f"fetched {summary['fetched']:,}, already cached {summary['cached']:,}, "

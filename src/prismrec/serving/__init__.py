@@ -1,0 +1,6 @@
+"""Serving: self-contained exports, fast top-K, the HTTP API with the explorer page, and batch scoring."""
+
+from prismrec.serving.export import Export, ExportError, export_model, export_run, load_export
+from prismrec.serving.inference import Ranker, TopK
+
+__all__ = ["Export", "ExportError", "Ranker", "TopK", "export_model", "export_run", "load_export"]

@@ -75,6 +75,12 @@ class Recommender(nn.Module):
     def build(cls, config: Any, split: LeaveOneOutSplit) -> Recommender:
         raise NotImplementedError
 
+    @classmethod
+    def from_state(cls, config: Any, n_items: int, state: dict[str, torch.Tensor]) -> Recommender:
+        """Rebuild the model for inference from its config and saved weights alone (no dataset, no
+        semantics artefact: frozen tables are buffers inside ``state``), then load ``state``."""
+        raise NotImplementedError(f"{cls.__name__} cannot be rebuilt from saved weights yet")
+
     def training_batch(self, sequences: list[np.ndarray], rng: np.random.Generator) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
@@ -96,6 +102,16 @@ def sample_training_negatives(targets: np.ndarray, sequences: list[np.ndarray], 
             negatives[row, clash] = rng.integers(1, n_items + 1, size=int(clash.sum()))
             clash = np.isin(negatives[row], seen)
     return np.where(targets > 0, negatives, 0)
+
+
+def next_item_batch(sequences: list[np.ndarray], max_len: int, n_items: int,
+                    rng: np.random.Generator) -> dict[str, torch.Tensor]:
+    """Next-item training examples: position t of ``inputs`` predicts ``targets[t]`` (the item after it),
+    with one sampled ``negatives[t]`` for the BCE loss (0 where there is no target)."""
+    inputs = pad_left([s[:-1] for s in sequences], max_len)
+    targets = pad_left([s[1:] for s in sequences], max_len)
+    negatives = sample_training_negatives(targets.numpy(), sequences, n_items, rng)
+    return {"inputs": inputs, "targets": targets, "negatives": torch.from_numpy(negatives)}
 
 
 class SequentialRecommender(Recommender):
@@ -130,10 +146,7 @@ class SequentialRecommender(Recommender):
         return torch.einsum("bd,bcd->bc", users, table[candidates])
 
     def training_batch(self, sequences: list[np.ndarray], rng: np.random.Generator) -> dict[str, torch.Tensor]:
-        inputs = pad_left([s[:-1] for s in sequences], self.max_len)
-        targets = pad_left([s[1:] for s in sequences], self.max_len)
-        negatives = sample_training_negatives(targets.numpy(), sequences, self.n_items, rng)
-        return {"inputs": inputs, "targets": targets, "negatives": torch.from_numpy(negatives)}
+        return next_item_batch(sequences, self.max_len, self.n_items, rng)
 
     def training_loss(self, batch: dict[str, torch.Tensor], loss: str) -> torch.Tensor:
         hidden = self.encode(batch["inputs"])

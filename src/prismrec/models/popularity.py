@@ -37,6 +37,10 @@ class Popularity(Recommender):
         counts[0] = 0
         return cls(counts.astype(np.float32), config.max_len)
 
+    @classmethod
+    def from_state(cls, config: PopularityConfig, n_items: int, state: dict[str, torch.Tensor]) -> Popularity:
+        return cls(state["counts"].numpy(), config.max_len)
+
     def score(self, inputs: torch.Tensor, candidates: torch.Tensor | None) -> torch.Tensor:
         if candidates is None:
             return self.counts.expand(inputs.shape[0], -1)

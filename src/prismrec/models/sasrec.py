@@ -84,3 +84,9 @@ class SASRec(SequentialRecommender):
     @classmethod
     def build(cls, config: SASRecConfig, split: LeaveOneOutSplit) -> SASRec:
         return cls(config, split.dataset.n_items)
+
+    @classmethod
+    def from_state(cls, config: SASRecConfig, n_items: int, state: dict[str, torch.Tensor]) -> SASRec:
+        model = cls(config, n_items)
+        model.load_state_dict(state)
+        return model

@@ -1,5 +1,6 @@
-"""Training: the Trainer, run directories and reproducibility records."""
+"""Training: the Trainer, run directories, resumable checkpoints and reproducibility records."""
 
+from prismrec.training.checkpoint import CheckpointError
 from prismrec.training.trainer import Trainer, TrainingOutcome, build_model, evaluate_run, prepare_split
 
-__all__ = ["Trainer", "TrainingOutcome", "build_model", "evaluate_run", "prepare_split"]
+__all__ = ["CheckpointError", "Trainer", "TrainingOutcome", "build_model", "evaluate_run", "prepare_split"]

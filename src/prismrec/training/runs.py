@@ -2,7 +2,9 @@
 
 ``runs/<name>-<timestamp>/`` holds ``config.toml`` (resolved), ``meta.json`` (seed, package versions,
 data fingerprint, config hash, command line), ``metrics.jsonl`` (one line per epoch),
-``model.safetensors`` (best checkpoint) and ``final.json`` (metrics of the best checkpoint).
+``model.safetensors`` (best checkpoint), ``last.safetensors`` (the resumable state after the latest epoch:
+weights, optimizer, random generators, early stopping; no pickle) and ``final.json`` (metrics of the best
+checkpoint).
 """
 
 from __future__ import annotations

@@ -1,8 +1,21 @@
 """The training loop: Adam, early stopping on validation NDCG@10 (patience 20, paper 4.1.3), best
-checkpoint as safetensors, per-epoch metrics as JSON lines, final metrics in both evaluation modes."""
+checkpoint as safetensors, per-epoch metrics as JSON lines, final metrics in both evaluation modes.
+
+Every epoch also leaves ``last.safetensors`` (model, optimizer, random states, early-stopping state; see
+:mod:`prismrec.training.checkpoint`), so ``Trainer(config, run_dir=..., resume=True)`` (``prismrec train
+--resume RUN_DIR``) continues a killed run and ends exactly where the uninterrupted run would have.
+Under ``torchrun`` the same loop runs data parallel (:mod:`prismrec.training.distributed`).
+
+Reproducibility: every random draw comes from generators seeded by ``config.seed`` (and saved in
+checkpoints), so the same seed and config on the same machine give the same run. Bit-identical results are
+guaranteed with ``training.num_threads = 1`` (what the determinism and resume tests use); with several CPU
+threads on a heavily loaded machine we once saw a loss differ in its last digits (a different split of a
+parallel reduction), the final metrics being identical.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import time
@@ -15,15 +28,28 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from safetensors.torch import load_file, save_file
+from torch import nn
 
 from prismrec.config import RunConfig
 from prismrec.data.loaders import load_sequences
 from prismrec.data.split import LeaveOneOutSplit
 from prismrec.evaluation.evaluators import EvaluationResult, FullRankingEvaluator, SampledRankingEvaluator
 from prismrec.models import MODELS, Recommender
+from prismrec.training.checkpoint import (
+    CheckpointError,
+    EarlyStopping,
+    RankRandomState,
+    TrainingState,
+    load_training_state,
+    save_training_state,
+)
+from prismrec.training.distributed import DistributedContext, wrap_for_training
 from prismrec.training.runs import new_run_dir, write_json, write_run_header
 
 console = Console()
+
+BEST_CHECKPOINT = "model.safetensors"
+LAST_CHECKPOINT = "last.safetensors"
 
 
 def seed_everything(seed: int) -> None:
@@ -50,9 +76,9 @@ class Evaluators:
     full: FullRankingEvaluator | None
 
     @classmethod
-    def from_config(cls, config: RunConfig, split: LeaveOneOutSplit) -> Evaluators:
+    def from_config(cls, config: RunConfig, split: LeaveOneOutSplit, device: str | None = None) -> Evaluators:
         ev = config.evaluation
-        device = config.training.device
+        device = device or config.training.device
         sampled = SampledRankingEvaluator(split, ev.num_negatives, ev.negative_seed, ev.ks, ev.batch_size, device)
         full = FullRankingEvaluator(split, ev.ks, ev.batch_size, device) if ev.full_ranking else None
         return cls(sampled, full)
@@ -78,42 +104,109 @@ class TrainingOutcome:
     epochs_run: int
     seconds: float
     history: list[dict[str, Any]] = field(default_factory=list)
+    resumed_from_epoch: int = 0
+
+
+class TrainingLoss(nn.Module):
+    """``forward(batch) -> loss``: what DistributedDataParallel wraps (it only hooks ``forward``)."""
+
+    def __init__(self, model: Recommender, loss: str) -> None:
+        super().__init__()
+        self.model = model
+        self.loss = loss
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.model.training_loss(batch, self.loss)
+
+
+def _state_dict_copy(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
 
 
 class Trainer:
-    """Trains one model from a :class:`RunConfig` and records everything in a run directory."""
+    """Trains one model from a :class:`RunConfig` and records everything in a run directory.
+
+    ``resume=True`` continues the run in ``run_dir`` from its ``last.safetensors`` (or from scratch when
+    it was killed before finishing one epoch); the configuration must be the one the run was started with.
+    """
 
     def __init__(self, config: RunConfig, split: LeaveOneOutSplit | None = None, run_dir: Path | None = None,
-                 quiet: bool = False) -> None:
+                 quiet: bool = False, resume: bool = False) -> None:
         self.config = config
+        self.dist = DistributedContext.from_env(config.training.device)
+        self.device = self.dist.device(config.training.device)
         if config.training.num_threads:
             torch.set_num_threads(config.training.num_threads)
+        if resume and run_dir is None:
+            raise ValueError("resume=True needs the run directory to resume")
+        self.resume = resume
         seed_everything(config.seed)
         self.split = split or prepare_split(config)
-        self.model = build_model(config, self.split).to(config.training.device)
-        self.evaluators = Evaluators.from_config(config, self.split)
-        self.run_dir = run_dir or new_run_dir(config.name)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.quiet = quiet
-        self.rng = np.random.default_rng(config.seed)
-        write_run_header(self.run_dir, config, self.split.dataset.fingerprint,
-                         {"n_users": self.split.dataset.n_users, "n_items": self.split.dataset.n_items})
+        self.model = build_model(config, self.split).to(self.device)
+        if self.dist.enabled:  # same initial weights everywhere (DDP checks), distinct dropout per rank
+            torch.manual_seed(config.seed + 7919 * self.dist.rank)
+        # Rank 0 first: building the sampled evaluator may write the shared negatives cache.
+        if not self.dist.is_main:
+            self.dist.barrier()
+        self.evaluators = Evaluators.from_config(config, self.split, self.device)
+        if self.dist.is_main:
+            self.dist.barrier()
+        self.run_dir = Path(self.dist.broadcast(str(self._main_run_dir(run_dir)) if self.dist.is_main else None))
+        self.quiet = quiet or not self.dist.is_main
+        # The visiting order is shared by all ranks; what each rank samples for its own users is its own.
+        self.order_rng = np.random.default_rng(config.seed)
+        self.batch_rng = np.random.default_rng([config.seed, 1 + self.dist.rank])
+
+    @property
+    def is_main(self) -> bool:
+        return self.dist.is_main
+
+    def _main_run_dir(self, run_dir: Path | None) -> Path:
+        extra = {"n_users": self.split.dataset.n_users, "n_items": self.split.dataset.n_items,
+                 "world_size": self.dist.world_size}
+        if self.resume:
+            assert run_dir is not None
+            meta_path = Path(run_dir) / "meta.json"
+            if not meta_path.exists():
+                raise CheckpointError(f"{run_dir}: not a run directory (no meta.json)")
+            meta = json.loads(meta_path.read_text(encoding="utf-8"))
+            if meta.get("config_hash") != self.config.config_hash():
+                raise CheckpointError(f"{run_dir}: its config.toml no longer matches the run it started "
+                                      f"(hash {meta.get('config_hash')} vs {self.config.config_hash()})")
+            if meta.get("data_fingerprint") != self.split.dataset.fingerprint:
+                raise CheckpointError(f"{run_dir}: the data changed since this run started (fingerprint "
+                                      f"{meta.get('data_fingerprint')} vs {self.split.dataset.fingerprint})")
+            meta.setdefault("resumed", []).append(time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+            write_json(meta_path, meta)
+            return Path(run_dir)
+        path = run_dir or new_run_dir(self.config.name)
+        path.mkdir(parents=True, exist_ok=True)
+        write_run_header(path, self.config, self.split.dataset.fingerprint, extra)
+        return path
+
+    def _generators(self) -> dict[str, np.random.Generator]:
+        return {"order": self.order_rng, "batch": self.batch_rng}
 
     def _train_users(self) -> np.ndarray:
         lengths = np.array([len(s) for s in self.split.train_sequences])
         return np.flatnonzero(lengths >= 2)  # a sequence of one item has nothing to predict
 
-    def _epoch(self, optimizer: torch.optim.Optimizer, users: np.ndarray) -> float:
+    def _epoch(self, step: nn.Module, optimizer: torch.optim.Optimizer, users: np.ndarray) -> float:
         cfg = self.config.training
+        world, rank = self.dist.world_size, self.dist.rank
         self.model.train()
-        order = self.rng.permutation(users)
+        order = self.order_rng.permutation(users)
         train = self.split.train_sequences
         losses = []
         for start in range(0, len(order), cfg.batch_size):
             batch_users = order[start:start + cfg.batch_size]
-            batch = self.model.training_batch([train[u] for u in batch_users], self.rng)
-            batch = {k: v.to(cfg.device) for k, v in batch.items()}
-            loss = self.model.training_loss(batch, cfg.loss)
+            if world > 1:
+                if len(batch_users) < world:
+                    continue  # every rank skips the same tiny tail batch, keeping the ranks in step
+                batch_users = batch_users[rank::world]
+            batch = self.model.training_batch([train[u] for u in batch_users], self.batch_rng)
+            batch = {k: v.to(self.device) for k, v in batch.items()}
+            loss = step(batch)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.grad_clip:
@@ -122,54 +215,108 @@ class Trainer:
             losses.append(float(loss.detach()))
         return float(np.mean(losses)) if losses else float("nan")
 
+    def _restore(self, optimizer: torch.optim.Optimizer) -> TrainingState | None:
+        path = self.run_dir / LAST_CHECKPOINT
+        if not path.exists():
+            return None  # killed before the first epoch ended: start over
+        state = load_training_state(path)
+        if state.config_hash != self.config.config_hash():
+            raise CheckpointError(f"{path}: written for another configuration")
+        if state.world_size != self.dist.world_size:
+            raise CheckpointError(f"{path}: written by {state.world_size} process(es); resume it with as many "
+                                  f"(this run has {self.dist.world_size})")
+        self.model.load_state_dict(state.model)
+        optimizer.load_state_dict(state.optimizer)
+        state.random_states[self.dist.rank].restore(self._generators())
+        return state
+
+    def _save(self, path: Path, optimizer: torch.optim.Optimizer, epoch: int, finished: bool,
+              stopping: EarlyStopping, history: list[dict[str, Any]]) -> None:
+        randoms = self.dist.gather(RankRandomState.capture(self._generators()))
+        if not self.is_main:
+            return
+        state = TrainingState(epoch, finished, stopping, history, self.config.config_hash(), self.dist.world_size,
+                              randoms, self.model.state_dict(), optimizer.state_dict())
+        save_training_state(path, state)
+
     def fit(self) -> TrainingOutcome:
         cfg = self.config.training
         metric = cfg.early_stopping_metric
         start_time = time.perf_counter()
-        checkpoint = self.run_dir / "model.safetensors"
+        best_path = self.run_dir / BEST_CHECKPOINT
         history: list[dict[str, Any]] = []
-        best_value, best_epoch, epochs_run = float("-inf"), 0, 0
+        stopping = EarlyStopping()
+        epochs_run = resumed_from = 0
         if self.model.trainable and cfg.max_epochs > 0:
             optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+            step = wrap_for_training(TrainingLoss(self.model, cfg.loss), self.dist)
             users = self._train_users()
-            stale = 0
+            finished = False
+            best_state: dict[str, torch.Tensor] | None = None
+            state = self._restore(optimizer) if self.resume else None
+            if state is not None:
+                history, stopping, finished = state.history, state.stopping, state.finished
+                epochs_run = resumed_from = state.epoch
+                if stopping.best_epoch:
+                    # If the kill fell between writing a new best and the checkpoint of that epoch, this file is
+                    # one epoch ahead; replaying that epoch (deterministically) writes the same weights again.
+                    best_state = load_file(str(best_path))
+            if self.is_main:  # the log holds exactly the epochs the checkpoint knows about
+                tmp = self.run_dir / "metrics.jsonl.tmp"
+                tmp.write_text("".join(json.dumps(r) + "\n" for r in history), encoding="utf-8")
+                tmp.replace(self.run_dir / "metrics.jsonl")
             progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                                 TimeElapsedColumn(), TextColumn("{task.fields[status]}"), console=console,
                                 disable=self.quiet, transient=False)
-            with progress, (self.run_dir / "metrics.jsonl").open("a", encoding="utf-8") as log:
-                task = progress.add_task(f"train {self.config.model.name}", total=cfg.max_epochs, status="")
-                for epoch in range(1, cfg.max_epochs + 1):
+            log_file = (self.run_dir / "metrics.jsonl").open("a", encoding="utf-8") if self.is_main else None
+            with progress, log_file or contextlib.nullcontext():
+                task = progress.add_task(f"train {self.config.model.name}", total=cfg.max_epochs,
+                                         completed=epochs_run, status="")
+                for epoch in range(epochs_run + 1, cfg.max_epochs + 1):
+                    if finished:
+                        break
                     t0 = time.perf_counter()
-                    loss = self._epoch(optimizer, users)
+                    loss = self._epoch(step, optimizer, users)
                     record: dict[str, Any] = {"epoch": epoch, "loss": loss, "train_seconds": time.perf_counter() - t0}
                     if epoch % cfg.eval_every == 0 or epoch == cfg.max_epochs:
                         valid = self.evaluators.sampled.evaluate(self.model, "valid").summary()
                         record["valid"] = valid
                         value = valid[metric]
-                        if value > best_value:
-                            best_value, best_epoch, stale = value, epoch, 0
-                            save_file({k: v.contiguous() for k, v in self.model.state_dict().items()},
-                                      str(checkpoint))
+                        if value > stopping.best_value:
+                            stopping = EarlyStopping(value, epoch, 0)
+                            best_state = _state_dict_copy(self.model)
+                            if self.is_main:
+                                tmp_best = best_path.with_name(best_path.name + ".tmp")
+                                save_file(best_state, str(tmp_best))
+                                tmp_best.replace(best_path)
                         else:
-                            stale += cfg.eval_every
+                            stopping.stale += cfg.eval_every
                     history.append(record)
-                    log.write(json.dumps(record) + "\n")
-                    log.flush()
                     epochs_run = epoch
+                    finished = stopping.stale >= cfg.patience or epoch == cfg.max_epochs
+                    # Checkpoint before logging: a kill in between loses a log line that resuming rewrites.
+                    self._save(self.run_dir / LAST_CHECKPOINT, optimizer, epoch, finished, stopping, history)
+                    if log_file is not None:
+                        log_file.write(json.dumps(record) + "\n")
+                        log_file.flush()
                     progress.update(task, advance=1, status=f"loss {loss:.4f}  valid {metric} "
-                                    f"{record.get('valid', {}).get(metric, float('nan')):.4f}  best {best_value:.4f} "
-                                    f"@{best_epoch}")
-                    if stale >= cfg.patience:
-                        break
-            self.model.load_state_dict(load_file(str(checkpoint)))
-        else:
-            save_file({k: v.contiguous() for k, v in self.model.state_dict().items()}, str(checkpoint))
+                                    f"{record.get('valid', {}).get(metric, float('nan')):.4f}  best "
+                                    f"{stopping.best_value:.4f} @{stopping.best_epoch}")
+            if best_state is None:
+                raise RuntimeError("training ended without a validated checkpoint")
+            self.model.load_state_dict(best_state)
+        elif self.is_main:
+            save_file({k: v.contiguous() for k, v in self.model.state_dict().items()}, str(best_path))
         final = self.evaluators.final(self.model)
         seconds = time.perf_counter() - start_time
-        write_json(self.run_dir / "final.json", {"best_epoch": best_epoch, "best_valid": best_value,
-                                                 "epochs_run": epochs_run, "train_seconds": seconds,
-                                                 "metrics": final})
-        return TrainingOutcome(self.run_dir, best_epoch, best_value, final, epochs_run, seconds, history)
+        if self.is_main:
+            write_json(self.run_dir / "final.json", {"best_epoch": stopping.best_epoch,
+                                                     "best_valid": stopping.best_value, "epochs_run": epochs_run,
+                                                     "train_seconds": seconds, "resumed_from_epoch": resumed_from,
+                                                     "world_size": self.dist.world_size, "metrics": final})
+        self.dist.close()
+        return TrainingOutcome(self.run_dir, stopping.best_epoch, stopping.best_value, final, epochs_run, seconds,
+                               history, resumed_from)
 
 
 def evaluate_run(run_dir: Path, data_dir: Path | None = None) -> dict[str, dict[str, float]]:
@@ -186,5 +333,5 @@ def evaluate_run(run_dir: Path, data_dir: Path | None = None) -> dict[str, dict[
         console.print(f"[yellow]warning:[/yellow] data fingerprint {split.dataset.fingerprint} differs from the "
                       f"run's {meta.get('data_fingerprint')}: the data changed since training")
     model = build_model(config, split)
-    model.load_state_dict(load_file(str(Path(run_dir) / "model.safetensors")))
+    model.load_state_dict(load_file(str(Path(run_dir) / BEST_CHECKPOINT)))
     return Evaluators.from_config(config, split).final(model)

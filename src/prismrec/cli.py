@@ -10,6 +10,9 @@ app.add_typer(data_app, name="data")
 
 # --- sub-command registration (each stage's package owns its commands) -----------------------------
 from prismrec import cli_data as _cli_data  # noqa: E402,F401  (data commands)
+from prismrec import cli_report as _cli_report  # noqa: E402,F401  (compare)
+from prismrec import cli_semantics as _cli_semantics  # noqa: E402,F401  (derive, semantics status/show)
+from prismrec import cli_serving as _cli_serving  # noqa: E402,F401  (export, serve, recommend)
 from prismrec import cli_train as _cli_train  # noqa: E402,F401  (train, evaluate)
 
 # (more stages register here)

@@ -41,9 +41,10 @@ class BidirectionalCrossAttention(nn.Module):
     (unmasked) sequence is visible, as it is to the backbone itself.
     """
 
-    def __init__(self, dim: int, causal: bool, dropout: float = 0.0) -> None:
+    def __init__(self, dim: int, causal: bool, dropout: float = 0.0, residual: bool = False) -> None:
         super().__init__()
         self.causal = causal
+        self.residual = residual  # not in Eq. 5: keeps each position's own item in its fused vector
         self.to_coarse = CrossAttention(dim, dropout)
         self.to_fine = CrossAttention(dim, dropout)
 
@@ -53,4 +54,6 @@ class BidirectionalCrossAttention(nn.Module):
         keep = (~padding_mask).unsqueeze(-1).to(coarse.dtype)
         coarse_hat = self.to_coarse(fine, coarse, mask) * keep
         fine_hat = self.to_fine(coarse, fine, mask) * keep
+        if self.residual:
+            return coarse + coarse_hat, fine + fine_hat
         return coarse_hat, fine_hat

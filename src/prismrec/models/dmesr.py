@@ -22,6 +22,9 @@ Choices the paper leaves open (documented here, switchable in ``DMESRConfig``):
   needs a sequence context and candidate items have none; this makes the item side user-independent, so
   it is computed once after training and cached for inference (paper 3.4).
 * Cross-attention masks: see :class:`BidirectionalCrossAttention` (causal for causal backbones).
+* ``cross_attention_residual``: Eq. 5 replaces each position's vector by a mixture of the other view's
+  vectors, so the item at t is only present through attention; the option adds the view back (a residual
+  connection, as Transformer blocks do). Off by default (paper form).
 * ``id_embedding``: the paper replaces the ID embedding by the adapted semantics. With a strong baseline,
   frozen MiniLM vectors through a (linear) adapter lose to free ID embeddings, so we offer adding a learned
   ID embedding to both views' item vectors; the paper-faithful default is off.
@@ -77,6 +80,8 @@ class DMESRConfig(ModelConfig):
     alignment_form: AlignmentForm = "paper"
     max_align_items: int = Field(1024, ge=2)
     cross_attention_dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    cross_attention_residual: bool = Field(False, description="add each view back to its cross-attended "
+                                           "output (not in the paper's Eq. 5)")
     id_embedding: bool = Field(False, description="add a learned ID embedding to both views' item vectors")
     without_alignment: bool = False
     without_cross_attention: bool = False
@@ -116,7 +121,8 @@ class DMESR(Recommender):
             self.adapter_original = adapter("original")  # Adapter_2
             if not config.without_cross_attention:
                 self.cross_attention = BidirectionalCrossAttention(d, causal=self.objective == "next_item",
-                                                                   dropout=config.cross_attention_dropout)
+                                                                   dropout=config.cross_attention_dropout,
+                                                                   residual=config.cross_attention_residual)
         self.id_embedding = nn.Embedding(self.n_items + 1, d, padding_idx=0) if config.id_embedding else None
         xavier_init(self)
         # f_theta, shared by both views; built after xavier_init so each backbone keeps its own initialisation.
@@ -145,19 +151,26 @@ class DMESR(Recommender):
         c = self.config
         return not (c.without_three_way or c.without_alignment) and c.alpha > 0
 
-    def _routes(self, ids: torch.Tensor) -> dict[str, torch.Tensor]:
+    def _routes(self, ids: torch.Tensor, names: tuple[str, ...]) -> dict[str, torch.Tensor]:
         """Adapted route vectors for ``ids`` (any shape): Eq. (1) per route, Eq. (4) for the original text."""
-        out = {"text": self.adapter_text(self.tables.table("text")[ids])}
-        if not self.config.without_three_way:
-            out["visual"] = self.adapter_visual(self.tables.table("visual")[ids])
-            out["hybrid"] = self.adapter_hybrid(self.tables.table("hybrid")[ids])
+        adapters = {"text": "adapter_text", "visual": "adapter_visual", "hybrid": "adapter_hybrid",
+                    "original": "adapter_original"}
+        return {name: getattr(self, adapters[name])(self.tables.table(name)[ids]) for name in names}
+
+    @property
+    def _view_routes(self) -> tuple[str, ...]:
+        """Routes the item vectors are built from. The visual and hybrid routes only reach e^coarse through
+        the alignment loss (section 3.2.3), except in the w/o-CL ablation, which concatenates them."""
+        names: tuple[str, ...] = ("text",)
+        if self.config.without_alignment and not self.config.without_three_way:
+            names += ("visual", "hybrid")
         if not self.config.without_original_view:
-            out["original"] = self.adapter_original(self.tables.table("original")[ids])
-        return out
+            names += ("original",)
+        return names
 
     def _views(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, torch.Tensor]]:
         """(e^coarse, e^fine or None, adapted routes) for ``ids``; padding (id 0) maps to zero vectors."""
-        routes = self._routes(ids)
+        routes = self._routes(ids, self._view_routes)
         if self.config.without_alignment and not self.config.without_three_way:
             coarse = self.route_fusion(torch.cat([routes["text"], routes["visual"], routes["hybrid"]], dim=-1))
         else:
@@ -214,11 +227,10 @@ class DMESR(Recommender):
         """Views for several id tensors, adapting each distinct item once (``naive``: once per token)."""
         id_tensors = tuple(t.masked_fill(t == self.mask_id, 0) for t in id_tensors)
         if naive:
-            return [self._views(t)[:2] for t in id_tensors], None
+            return [self._views(t)[:2] for t in id_tensors]
         unique, inverses = unique_with_inverse(*id_tensors)
-        coarse, fine, routes = self._views(unique)
-        views = [(coarse[inv], fine[inv] if fine is not None else None) for inv in inverses]
-        return views, (unique, routes)
+        coarse, fine, _ = self._views(unique)
+        return [(coarse[inv], fine[inv] if fine is not None else None) for inv in inverses]
 
     def score(self, inputs: torch.Tensor, candidates: torch.Tensor | None) -> torch.Tensor:
         coarse_all, fine_all = self.item_tables()
@@ -245,21 +257,21 @@ class DMESR(Recommender):
             return cloze_batch(sequences, self.max_len, self.n_items, self.config.mask_prob, rng)
         return next_item_batch(sequences, self.max_len, self.n_items, rng)
 
-    def alignment_loss(self, unique: torch.Tensor, routes: dict[str, torch.Tensor],
-                       targets: torch.Tensor) -> torch.Tensor:
-        """L_align = L^(t<->i) + L^(t<->h) (Eq. 3) over the batch's unique target items."""
-        items = torch.unique(targets[targets > 0])
+    def alignment_loss(self, targets: torch.Tensor) -> torch.Tensor:
+        """L_align = L^(t<->i) + L^(t<->h) (Eq. 3) over the batch's unique target items (at most
+        ``max_align_items``, a random subset beyond that)."""
+        items = torch.unique(targets[(targets > 0) & (targets <= self.n_items)])
         if len(items) > self.config.max_align_items:
             items = items[torch.randperm(len(items), device=items.device)[: self.config.max_align_items]]
-        rows = torch.searchsorted(unique, items)
-        text, visual, hybrid = routes["text"][rows], routes["visual"][rows], routes["hybrid"][rows]
+        routes = self._routes(items, ("text", "visual", "hybrid"))
+        text, visual, hybrid = routes["text"], routes["visual"], routes["hybrid"]
         tau, form = self.config.temperature, self.config.alignment_form
         return symmetric_contrastive(text, visual, tau, form) + symmetric_contrastive(text, hybrid, tau, form)
 
     def training_loss(self, batch: dict[str, torch.Tensor], loss: str, naive: bool = False) -> torch.Tensor:
         inputs, targets, negatives = batch["inputs"], batch["targets"], batch["negatives"]
         mask = targets > 0
-        views, adapted = self._batch_views(inputs, targets, negatives, naive=naive)
+        views = self._batch_views(inputs, targets, negatives, naive=naive)
         (in_c, in_f), (pos_c, pos_f), (neg_c, neg_f) = views
         hidden_c, hidden_f = self._user_states(inputs, self._with_mask_token(inputs, in_c),
                                                self._with_mask_token(inputs, in_f))
@@ -275,9 +287,4 @@ class DMESR(Recommender):
             rec_loss = bce_one_negative(hidden, pos, neg, mask)
         if not self.uses_alignment:
             return rec_loss
-        if adapted is None:  # naive path: adapt the unique targets directly
-            unique = torch.unique(targets)
-            routes = self._routes(unique)
-        else:
-            unique, routes = adapted
-        return rec_loss + self.config.alpha * self.alignment_loss(unique, routes, targets)  # Eq. (8)
+        return rec_loss + self.config.alpha * self.alignment_loss(targets)  # Eq. (8)

@@ -1,0 +1,82 @@
+"""Reading a derivation's artefact (what DMESR and the baselines load).
+
+``semantics/<name>/embeddings.safetensors``: float32 matrices ``text``, ``visual``, ``hybrid``,
+``original`` (and ``image``, EfficientNet-Lite0 features, for ``describe`` and ``local-llm``), each
+``(n_items + 1) x dim``: row 0 is the padding item (zeros), row i is internal item id i, so
+``artefact.matrices["text"][item_ids]`` indexes directly with the ids from ``prismrec.data``.
+``items.json`` records the id order, models, template versions and counts; ``descriptions.parquet``
+holds the texts.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from safetensors.numpy import load_file
+
+from prismrec.data.paths import output_dir
+
+REQUIRED_MATRICES = ("text", "visual", "hybrid", "original")
+
+
+class ArtefactError(ValueError):
+    """A semantics artefact is missing, incomplete or inconsistent (the message names the file)."""
+
+
+@dataclass
+class SemanticArtefact:
+    path: Path
+    manifest: dict
+    matrices: dict[str, np.ndarray]
+
+    @property
+    def item_ids(self) -> list[str]:
+        """External item ids in row order (``item_ids[0] == "<pad>"``)."""
+        return list(self.manifest["item_ids"])
+
+    def descriptions(self) -> pd.DataFrame:
+        return pd.read_parquet(self.path / "descriptions.parquet")
+
+    def check_matches(self, item_ids: np.ndarray | list[str]) -> None:
+        """Raise unless the artefact's rows follow exactly these external ids (e.g. ``SequenceDataset.item_ids``)."""
+        mine, theirs = self.item_ids, [str(i) for i in item_ids]
+        if mine != theirs:
+            first = next((i for i, (a, b) in enumerate(zip(mine, theirs, strict=False)) if a != b),
+                         min(len(mine), len(theirs)))
+            raise ArtefactError(f"{self.path / 'items.json'}: item order differs from the dataset at row {first} "
+                                f"({len(mine)} rows vs {len(theirs)}); derive again for this dataset and filters")
+
+
+def resolve_artefact_dir(name_or_path: str | Path) -> Path:
+    candidate = Path(name_or_path)
+    if (candidate / "items.json").exists():
+        return candidate
+    return output_dir("semantics") / str(name_or_path)
+
+
+def load_artefact(name_or_path: str | Path) -> SemanticArtefact:
+    folder = resolve_artefact_dir(name_or_path)
+    manifest_path = folder / "items.json"
+    if not manifest_path.exists():
+        raise ArtefactError(f"{manifest_path}: no such artefact (run `prismrec derive DATASET --name "
+                            f"{Path(name_or_path).name}` first)")
+    manifest = json.loads(manifest_path.read_text())
+    if not isinstance(manifest.get("item_ids"), list):
+        raise ArtefactError(f"{manifest_path}: no item_ids list")
+    tensors = folder / "embeddings.safetensors"
+    if not tensors.exists():
+        raise ArtefactError(f"{tensors}: missing (the derivation did not finish; rerun it)")
+    matrices = load_file(str(tensors))
+    rows = len(manifest["item_ids"])
+    for key in REQUIRED_MATRICES:
+        if key not in matrices:
+            raise ArtefactError(f"{folder / 'embeddings.safetensors'}: matrix {key!r} missing")
+    for key, matrix in matrices.items():
+        if matrix.dtype != np.float32 or matrix.ndim != 2 or matrix.shape[0] != rows:
+            raise ArtefactError(f"{folder / 'embeddings.safetensors'}: matrix {key!r} has shape {matrix.shape} "
+                                f"and dtype {matrix.dtype}; expected float32 with {rows} rows")
+    return SemanticArtefact(path=folder, manifest=manifest, matrices=matrices)

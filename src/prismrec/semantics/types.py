@@ -1,0 +1,97 @@
+"""Plain data passed between the derivation engine, the backends and the cache."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from prismrec.semantics.prompts import Modality, Route, render_attributes
+
+
+@dataclass(frozen=True)
+class ItemRecord:
+    """One catalogue item as the backends see it (``item_id`` is the internal id, 1..n)."""
+
+    item_id: int
+    external_id: str
+    attributes: dict[str, str]
+    image_path: Path | None
+    image_sha: str | None  # sha256 of the image file's bytes; None without an image
+
+    @property
+    def original_text(self) -> str:
+        """The raw attribute text: what the ``original`` matrix embeds and the prompts quote."""
+        return render_attributes(self.attributes)
+
+    @property
+    def title(self) -> str:
+        return next(iter(self.attributes.values()), "")
+
+
+@dataclass(frozen=True)
+class ChatMessage:
+    """One chat turn; ``image`` is attached to the message by backends that take images."""
+
+    role: Literal["system", "user", "assistant"]
+    text: str
+    image: Path | None = None
+    image_sha: str | None = None
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One model call: a conversation for one item and route, built from a named template."""
+
+    item: ItemRecord
+    route: Route
+    template_key: str  # "name@vN" of the template that produced the last user turn
+    modality: Modality  # what the request asks about (text-only after a no-image fallback)
+    messages: tuple[ChatMessage, ...]
+    turn: int = 0  # 0 = initial generation, k = k-th refinement turn
+
+    def cache_material(self) -> list[list[str | None]]:
+        return [[m.role, m.text, m.image_sha] for m in self.messages]
+
+
+@dataclass
+class Generation:
+    """A model's answer (successful, validated)."""
+
+    text: str
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    latency_s: float = 0.0
+    finish_reason: str | None = "stop"
+    cached: bool = False
+    extras: dict[str, object] = field(default_factory=dict)
+
+
+@dataclass
+class GenerationFailure:
+    """A request that could not be answered after all retries, and why."""
+
+    reason: str
+    attempts: int = 1
+
+
+GenerationResult = Generation | GenerationFailure
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def sha256_text(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def stable_hash(payload: object) -> str:
+    """A hash of JSON-able data that does not depend on dict order."""
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, ensure_ascii=False).encode("utf-8")).hexdigest()

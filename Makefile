@@ -18,9 +18,16 @@ $(STAMP): requirements.lock pyproject.toml
 
 venv: $(STAMP)
 
+# The demo trains on histories cut to the last 50 items and at most 60 epochs so that derivation plus both
+# trainings fit in 15 minutes on 2 cores; drop DEMO_SET for the full settings (max_len 200, 300 epochs).
+DEMO_SET ?= --set model.max_len=50 --set training.max_epochs=60
+
 demo: $(STAMP)
 	$(BIN)/prismrec data stats movielens-small
-	$(BIN)/prismrec train --config configs/movielens_sasrec.toml
+	$(BIN)/prismrec derive movielens-small
+	$(BIN)/prismrec train --config configs/movielens_sasrec.toml $(DEMO_SET) --set name=demo-sasrec
+	$(BIN)/prismrec train --config configs/movielens_dmesr_sasrec.toml $(DEMO_SET) --set name=demo-dmesr
+	$(BIN)/prismrec compare demo-sasrec demo-dmesr
 
 test: $(STAMP) browser
 	$(BIN)/ruff check src tests benchmarks

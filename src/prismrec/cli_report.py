@@ -43,14 +43,15 @@ def compare(
         console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2) from None
     finals = [json.loads((r / "final.json").read_text()) for r in resolved]
+    # One column per run, one row per (split/mode, metric): stays readable in an 80-column terminal.
     table = Table(title="final metrics (best validation checkpoint)")
-    table.add_column("run")
-    table.add_column("best epoch", justify="right")
+    table.add_column("split/mode metric")
+    for run in resolved:
+        table.add_column(run.name, justify="right", overflow="fold")
+    table.add_row("best epoch", *(str(final.get("best_epoch", "")) for final in finals))
     keys = [k for k in ("test/sampled", "test/full", "valid/sampled", "valid/full") if k in finals[0]["metrics"]]
     for key in keys:
         for name in names:
-            table.add_column(f"{key} {name}", justify="right")
-    for run, final in zip(resolved, finals, strict=True):
-        cells = [f"{final['metrics'].get(k, {}).get(n, float('nan')):.4f}" for k in keys for n in names]
-        table.add_row(run.name, str(final.get("best_epoch", "")), *cells)
+            table.add_row(f"{key} {name}",
+                          *(f"{final['metrics'].get(key, {}).get(name, float('nan')):.4f}" for final in finals))
     console.print(table)

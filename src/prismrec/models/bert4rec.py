@@ -37,7 +37,6 @@ from prismrec.models.base import (
     sample_training_negatives,
 )
 from prismrec.models.layers import TransformerBlock, self_attention_mask
-from prismrec.models.losses import bce_one_negative, full_softmax_ce
 from prismrec.models.registry import MODELS
 
 
@@ -150,13 +149,8 @@ class MaskedItemRecommender(SequentialRecommender):
     def training_batch(self, sequences: list[np.ndarray], rng: np.random.Generator) -> dict[str, torch.Tensor]:
         return cloze_batch(sequences, self.max_len, self.n_items, self.mask_prob, rng)
 
-    def training_loss(self, batch: dict[str, torch.Tensor], loss: str) -> torch.Tensor:
-        hidden = self.encode(batch["inputs"])
-        mask = batch["targets"] > 0
-        table = self.output_items()
-        if loss == "ce":
-            return full_softmax_ce(hidden, table, batch["targets"], mask)
-        return bce_one_negative(hidden, table[batch["targets"]], table[batch["negatives"]], mask)
+    # training_loss is SequentialRecommender's: it scores every position that has a target, which for
+    # cloze batches are exactly the masked ones.
 
 
 @MODELS.register("bert4rec")

@@ -261,3 +261,36 @@ def test_shipped_config_trains_end_to_end(name, movielens_like, tmp_path):
     for key in ("test/sampled", "test/full"):
         assert 0.0 <= outcome.final[key]["hit@10"] <= 1.0
     assert (tmp_path / name / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("cls", [CPMM, QARM, XREFLECT])
+def test_id_embedding_option_adds_a_trained_id_vector(cls, movielens_like):
+    _, split, artefact = movielens_like
+    torch.manual_seed(0)
+    plain = cls.build(_config(cls, artefact), split)
+    assert plain.encoder.id_embedding is None
+    assert not any("id_embedding" in name for name in plain.state_dict())
+    torch.manual_seed(0)
+    model = cls.build(_config(cls, artefact, id_embedding=True), split)
+    table = model.encoder.id_embedding
+    assert table is not None and table.weight.shape == (split.dataset.n_items + 1, TINY["hidden_size"])
+    model.eval()
+    with torch.no_grad():
+        with_ids = model.item_encoder.all_items().clone()
+        initial = table.weight.clone()
+        table.weight.zero_()
+        without_ids = model.item_encoder.all_items()
+        table.weight.copy_(initial)
+    # the item vectors are the semantic vectors plus the item's own ID row (padding stays zero)
+    assert not torch.allclose(with_ids, without_ids)
+    assert torch.allclose(with_ids[1:] - without_ids[1:], initial[1:], atol=1e-5)
+    assert not with_ids[0].any()
+    losses = _train(model, split, steps=20)
+    assert np.isfinite(losses).all() and np.mean(losses[-5:]) < np.mean(losses[:5])
+    assert not torch.allclose(table.weight, initial)  # the ID rows are learned
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    again = cls.from_state(model.config, split.dataset.n_items, state).eval()
+    model.eval()
+    inputs = torch.tensor([[0, 0, 0, 0, 1, 2, 3, 4, 5, 6]])
+    with torch.no_grad():
+        assert torch.allclose(again.score(inputs, None), model.score(inputs, None), atol=1e-6)

@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from typer.testing import CliRunner
 
@@ -115,3 +116,22 @@ def test_kill_9_then_resume_requests_nothing_twice(env: dict[str, str], tmp_path
         third = subprocess.run(command, env=child_env, capture_output=True, timeout=300)
         assert third.returncode == 0, third.stderr.decode()[-2000:]
         assert server.counts["requests"] == 0  # a finished derivation makes zero model (and embedding) calls
+
+
+def test_cli_derive_with_xreflect_describe(env: dict[str, str]) -> None:
+    result = runner.invoke(app, ["derive", "movielens-small", "--data-dir", env["data"], "--limit", "3",
+                                 "--with-xreflect", "--name", "xr3", "--cache", env["cache"]])
+    assert result.exit_code == 0, result.output
+    artefact = load_artefact("xr3")
+    assert artefact.matrices["xreflect"].shape == artefact.matrices["hybrid"].shape == (4, 384)
+    assert artefact.manifest["templates"]["xreflect"] == ["xreflect@v1"]  # all three items have posters
+    table = artefact.descriptions()
+    # describe: no MLLM, the attributes and the poster analysis side by side
+    assert table["xreflect"].str.startswith("Text: title: ").all()
+    assert table["xreflect"].str.contains("Poster analysis: ").all()
+    assert table["xreflect"].str.contains("ImageNet categories").all()
+    assert not np.allclose(artefact.matrices["xreflect"][1:], artefact.matrices["hybrid"][1:])
+    status = runner.invoke(app, ["semantics", "status", "xr3", "--cache", env["cache"]])
+    assert status.exit_code == 0 and "xreflect" in status.output
+    show = runner.invoke(app, ["semantics", "show", "xr3", "1", "--cache", env["cache"]])
+    assert show.exit_code == 0 and "template xreflect@v1" in show.output

@@ -198,3 +198,50 @@ def test_openai_embedder_batches_and_fails_loudly(server: FakeOpenAIServer) -> N
         await embedder.aclose()
 
     asyncio.run(scenario())
+
+
+def test_xreflect_route_is_opt_in_cached_and_feeds_the_xreflect_baseline(server: FakeOpenAIServer, data_dir: Path,
+                                                                          tmp_path: Path) -> None:
+    from prismrec.data import load_sequences
+    from prismrec.models.adapters import load_semantic_matrices
+    from prismrec.models.xreflect import XREFLECT, XREFLECTConfig
+
+    with SemanticCache(tmp_path / "cache.sqlite") as cache:
+        plain = asyncio.run(_run(_deriver(cache, data_dir, [server.url], name="xr")))
+        assert plain.written and "xreflect" not in load_artefact("xr").matrices
+        server.reset_counts()
+        report = asyncio.run(_run(_deriver(cache, data_dir, [server.url], name="xr", xreflect=True)))
+        assert report.written and not report.failures
+        # the three DMESR routes come from the cache; only the cross-reflection prompts reach the server
+        assert server.counts["/v1/chat/completions"] == N_POSTERS
+        assert server.images_seen == N_POSTERS
+        assert report.counts["xreflect"]["ok"] == N_ITEMS
+        assert report.counts["xreflect"]["fallback_no_image"] == len(WITHOUT_POSTER)
+
+        artefact = load_artefact("xr")
+        assert artefact.matrices["xreflect"].shape == (N_ITEMS + 1, 16)
+        assert not artefact.matrices["xreflect"][0].any()
+        assert artefact.manifest["templates"]["xreflect"] == ["dmesr-textual@v1", "xreflect@v1"]
+        assert artefact.manifest["xreflect"] is True
+        table = artefact.descriptions()
+        with_poster = table[table["xreflect_status"] == "ok"]
+        assert len(with_poster) == N_POSTERS and with_poster["xreflect"].str.contains("Saw an image of").all()
+        rows = with_poster["item_id"].to_numpy()
+        # a different prompt than hybrid's, so a different answer and embedding for every item with a poster
+        assert (with_poster["xreflect"] != with_poster["hybrid"]).all()
+        assert not np.allclose(artefact.matrices["xreflect"][rows], artefact.matrices["hybrid"][rows])
+        # poster-less items fall back to the textual prompt, whose answer is shared with the textual route
+        fallback = table[table["xreflect_status"] == "fallback:no_image"]
+        assert (fallback["xreflect"] == fallback["textual"]).all()
+        records = {r.item_id: r for r in cache.item_results("xr", "xreflect")}
+        assert {records[int(i)].template for i in rows} == {"xreflect@v1"}
+
+        server.reset_counts()
+        again = asyncio.run(_run(_deriver(cache, data_dir, [server.url], name="xr", xreflect=True)))
+        assert again.written and again.model_calls == 0 and server.counts["requests"] == 0
+
+    seqs = load_sequences("movielens-small", data_dir)
+    matrices = load_semantic_matrices("xr", seqs, ["text", "visual", "hybrid"], optional_routes=["xreflect"])
+    assert np.array_equal(matrices["xreflect"], artefact.matrices["xreflect"])
+    model = XREFLECT(XREFLECTConfig(semantics="xr"), matrices)
+    assert model.encoder.routes == ["text", "visual", "hybrid", "xreflect"]

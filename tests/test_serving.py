@@ -338,3 +338,35 @@ def test_other_models_export_and_rank_like_their_own_score(runs, tmp_path, name)
     reference[:, 0] = float("-inf")
     for row, top in enumerate(export.ranker.top_k(histories, 10, exclude_seen=False)):
         assert np.allclose(top.scores, torch.topk(reference[row], 10).values.numpy(), atol=1e-4)
+
+
+@pytest.mark.parametrize(("name", "backbone"), [("cpmm", "sasrec"), ("qarm", "sasrec"), ("xreflect", "sasrec"),
+                                                ("xreflect", "bert4rec"), ("cpmm", "gru4rec")])
+def test_baseline_exports_use_the_dot_product_path_and_rank_like_their_own_score(runs, tmp_path, name, backbone):
+    from prismrec.config import load_config
+    from prismrec.data.split import LeaveOneOutSplit
+    from prismrec.serving.export import export_model
+
+    artefact = runs.root / "semantics" / "tiny"
+    extra = {"qarm": ["model.aligned_dim=8", "model.align_steps=5", "model.vq_codebook_size=8", "model.vq_top_k=2",
+                      "model.rq_codebook_size=4", "model.rq_levels=2"],
+             "cpmm": ["model.pretrain_steps=2", "model.pretrain_batch=16"]}.get(name, [])
+    overrides = [f"model.name='{name}'", f"model.semantics='{artefact}'", f"model.backbone='{backbone}'",
+                 "model.hidden_size=16", "model.max_len=20", "model.num_blocks=1", "model.dropout=0.0", *extra]
+    config = load_config(None, overrides)
+    split = LeaveOneOutSplit(runs.dataset)
+    torch.manual_seed(0)
+    model = MODELS.get(name).build(config.model, split).eval()
+    export = load_export(export_model(model, config, runs.dataset, tmp_path / name))
+    assert export.ranker.mode == "dot-product"
+    tables = load_file(str(tmp_path / name / "item_tables.safetensors"))
+    with torch.no_grad():
+        assert torch.allclose(tables["scoring"], model.output_items(), atol=1e-6)
+    histories = [split.inputs_and_target(int(u), "test")[0] for u in split.eval_users[:30]]
+    with torch.no_grad():
+        reference = model.score(pad_left(histories, model.max_len), None).float().clone()
+    reference[:, 0] = float("-inf")
+    ref_values, ref_items = torch.topk(reference, 10, dim=1)
+    for row, top in enumerate(export.ranker.top_k(histories, 10, exclude_seen=False)):
+        assert top.items.tolist() == ref_items[row].tolist()
+        assert np.allclose(top.scores, ref_values[row].numpy(), atol=1e-4)

@@ -26,8 +26,9 @@ from prismrec.semantics import (
     DeriveReport,
     Embedder,
     HybridMode,
+    Route,
 )
-from prismrec.semantics.cache import SemanticCache
+from prismrec.semantics.cache import ItemResult, SemanticCache
 from prismrec.semantics.derive import default_cache_path, load_items
 from prismrec.semantics.types import ItemRecord
 
@@ -88,6 +89,8 @@ def derive(
     cache: CacheOption = None,
     allow_fallback: Annotated[str | None, typer.Option(help="'original': embed failed items' original text "
                                                        "instead of failing")] = None,
+    with_xreflect: Annotated[bool, typer.Option("--with-xreflect", help="also run the X-REFLECT cross-reflection "
+                                                "prompt and write an 'xreflect' matrix")] = False,
 ) -> None:
     """Derive item semantics for DATASET (DMESR three-way prompting) and write semantics/NAME/.
 
@@ -106,7 +109,8 @@ def derive(
             "model": embedder_model, "base_urls": embedder_base_url, "api_key_env": embedder_api_key_env,
         })
         options = DeriveOptions(dataset=dataset, data_dir=data_dir, name=name, limit=limit, hybrid_mode=hybrid_mode,
-                                max_rounds=max_rounds, normalize=normalize, allow_fallback=allow_fallback)
+                                max_rounds=max_rounds, normalize=normalize, allow_fallback=allow_fallback,
+                                xreflect=with_xreflect)
     except (UnknownComponentError, ValidationError, typer.BadParameter) as error:
         err_console.print(f"[red]error:[/red] {error}")
         raise typer.Exit(2) from None
@@ -166,6 +170,11 @@ def _print_report(report: DeriveReport) -> None:
                       "cached), or pass --allow-fallback original to embed their original text instead")
 
 
+def _routes_of(results: list[ItemResult]) -> tuple[Route, ...]:
+    """DMESR's three routes, plus X-REFLECT when the derivation ran it."""
+    return (*ROUTES, Route.XREFLECT) if any(r.route == Route.XREFLECT.value for r in results) else ROUTES
+
+
 @semantics_app.command("status")
 def status(name: Annotated[str, typer.Argument(help="derivation name")], cache: CacheOption = None) -> None:
     """Done / failed / left per route, and tokens used, for derivation NAME."""
@@ -181,7 +190,7 @@ def status(name: Annotated[str, typer.Argument(help="derivation name")], cache: 
                         f"({info['config']['backend']['model']})")
     for column in ("route", "done", "failed", "left", "no-image fallback", "prompt tokens", "completion tokens"):
         table.add_column(column, justify="right")
-    for route in ROUTES:
+    for route in _routes_of(results):
         rows = [r for r in results if r.route == route.value]
         done = sum(r.status == "ok" for r in rows)
         failed = sum(r.status == "failed" for r in rows)
@@ -226,7 +235,7 @@ def show(
         if len(original):
             console.rule("original")
             console.print(str(original.iloc[0]))
-    for route in ROUTES:
+    for route in _routes_of(matching):
         result = next((r for r in matching if r.route == route.value), None)
         console.rule(route.value)
         if result is None:

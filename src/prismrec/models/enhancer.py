@@ -5,6 +5,14 @@ one DMESR reads) plugged into a named backbone by :func:`~prismrec.models.backbo
 it is trained the way that backbone is trained (next-item for SASRec and GRU4Rec, cloze with the learned
 mask vector for BERT4Rec). :class:`EnhancedRecommender` wraps that recommender (``self.inner``) and adds
 the baseline's own auxiliary losses and batch fields; scoring is the inner recommender's.
+
+Shared options (:class:`EnhancerConfig`): the backbone's shape, and ``id_embedding`` (default ``False``).
+The baselines' papers *replace* the ID embedding by the semantic item vector, so by default an item is only
+its semantics. With ``id_embedding = true`` every baseline's item encoder also holds a learned
+``nn.Embedding(n_items + 1, hidden_size)`` (row 0 = padding) and adds the item's row to its semantic vector,
+``e_i = f(semantics_i) + id_i``, as DMESR's option of the same name does; the ID rows are trained with the
+rest and saved in the weights (``...item_encoder.id_embedding.weight``), and for QARM they also tell apart
+items whose quantised codes coincide.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """Reading a derivation's artefact (what DMESR and the baselines load).
 
 ``semantics/<name>/embeddings.safetensors``: float32 matrices ``text``, ``visual``, ``hybrid``,
-``original`` (and ``image``, EfficientNet-Lite0 features, for ``describe`` and ``local-llm``), each
+``original`` (and ``image``, EfficientNet-Lite0 features, for ``describe`` and ``local-llm``; and
+``xreflect``, the cross-reflection descriptions, when derived with ``--with-xreflect``), each
 ``(n_items + 1) x dim``: row 0 is the padding item (zeros), row i is internal item id i, so
 ``artefact.matrices["text"][item_ids]`` indexes directly with the ids from ``prismrec.data``.
 ``items.json`` records the id order, models, template versions and counts; ``descriptions.parquet``

@@ -10,12 +10,15 @@ Flow for one named derivation:
    ``batch_size`` in flight) and commit each answer as it arrives. Items without an image use the
    textual prompt on the visual and hybrid routes (recorded as ``fallback = no_image``). Hybrid runs
    either as the paper's single prompt, or as our multi-turn loop (initial answer, then refinement
-   turns until the text stops changing materially or ``max_rounds`` is reached).
+   turns until the text stops changing materially or ``max_rounds`` is reached). With ``xreflect=True``
+   (CLI ``--with-xreflect``) a fourth route runs the X-REFLECT cross-reflection prompt (template
+   ``xreflect``, text + image) per item, cached and recorded like the others.
 4. Failures (after the backend's retries) are recorded per item and never embedded: without
    ``allow_fallback="original"`` the run stops before writing the artefact and reports them.
 5. Embed every description and every item's original text (cached per text hash), and write
    ``semantics/<name>/``: ``embeddings.safetensors`` (float32 ``text``, ``visual``, ``hybrid``,
-   ``original`` and, where posters were analysed, ``image``; row 0 = padding (zeros), row i = internal item id i),
+   ``original``, ``xreflect`` when that route ran and, where posters were analysed, ``image``; row 0 =
+   padding (zeros), row i = internal item id i),
    ``items.json`` and ``descriptions.parquet``; each file is written to a temporary name and renamed.
 """
 
@@ -63,6 +66,7 @@ from prismrec.semantics.prompts import (
     HYBRID_INITIAL,
     HYBRID_REFINE,
     ROUTES,
+    XREFLECT,
     PromptTemplate,
     Route,
     analysis_reference,
@@ -103,6 +107,8 @@ class DeriveOptions(BaseModel):
     normalize: bool = Field(False, description="L2-normalise every embedding row (recorded in items.json)")
     allow_fallback: str | None = Field(None, pattern="^original$", description="'original': embed failed items' "
                                        "original text instead of failing the run (recorded per item)")
+    xreflect: bool = Field(False, description="also run the X-REFLECT cross-reflection prompt per item and write "
+                           "an 'xreflect' matrix (read by the xreflect baseline)")
     min_user_interactions: int = Field(1, ge=1)
     min_item_interactions: int = Field(1, ge=1)
 
@@ -178,6 +184,11 @@ class Deriver:
         self._analyses: dict[str, tuple[dict, np.ndarray]] = {}
         self._in_flight: dict[str, asyncio.Future[GenerationResult]] = {}
 
+    @property
+    def routes(self) -> tuple[Route, ...]:
+        """The routes this derivation runs: DMESR's three, plus X-REFLECT when asked for."""
+        return (*ROUTES, Route.XREFLECT) if self.options.xreflect else ROUTES
+
     # --- requests ------------------------------------------------------------------------------------
     def _image_reference(self, item: ItemRecord) -> tuple[str, Path | None]:
         """The text that replaces ``{image_path}`` and the image to attach (if the backend takes images)."""
@@ -209,6 +220,9 @@ class Deriver:
         reference, image = self._image_reference(item)
         if route == Route.VISUAL:
             return self._request(item, route, DMESR_VISUAL, DMESR_VISUAL.render(image_path=reference), image), None
+        if route == Route.XREFLECT:
+            return self._request(item, route, XREFLECT, XREFLECT.render(text_info=attributes, image_path=reference),
+                                 image), None
         template = DMESR_HYBRID if self.options.hybrid_mode == HybridMode.SINGLE_PROMPT else HYBRID_INITIAL
         return self._request(item, route, template, template.render(text_info=attributes, image_path=reference),
                              image), None
@@ -367,12 +381,12 @@ class Deriver:
                 progress.update(task, completed=len(images))
                 timings["image_analysis_s"] = time.perf_counter() - t0
             t0 = time.perf_counter()
-            await self.run_routes(name, ROUTES, items, progress)
+            await self.run_routes(name, self.routes, items, progress)
             timings["generation_s"] = time.perf_counter() - t0
 
-        results = {route: {r.item_id: r for r in self.cache.item_results(name, route.value)} for route in ROUTES}
+        results = {route: {r.item_id: r for r in self.cache.item_results(name, route.value)} for route in self.routes}
         wanted = {item.item_id for item in items}
-        for route in ROUTES:
+        for route in self.routes:
             rows = [r for k, r in results[route].items() if k in wanted]
             report.counts[route.value] = Counter(
                 {"ok": sum(r.status == "ok" for r in rows), "failed": sum(r.status == "failed" for r in rows),
@@ -407,6 +421,7 @@ class Deriver:
             "max_rounds": self.options.max_rounds,
             "normalize": self.options.normalize,
             "allow_fallback": self.options.allow_fallback,
+            "xreflect": self.options.xreflect,
         }
 
     async def embed_all(self, items: list[ItemRecord], results: dict[Route, dict[int, ItemResult]]
@@ -415,7 +430,7 @@ class Deriver:
         texts: dict[str, str] = {}
         for item in items:
             texts[sha256_text(item.original_text)] = item.original_text
-            for route in ROUTES:
+            for route in self.routes:
                 result = results[route].get(item.item_id)
                 if result is not None and result.status == "ok" and result.text is not None:
                     texts[sha256_text(result.text)] = result.text
@@ -450,11 +465,13 @@ class Deriver:
                 vector = vector / max(float(np.linalg.norm(vector)), 1e-12)
             return vector
 
-        matrices = {key: np.zeros((n_rows, dim), dtype=np.float32) for key in ("text", "visual", "hybrid", "original")}
-        route_matrix = {Route.TEXTUAL: "text", Route.VISUAL: "visual", Route.HYBRID: "hybrid"}
+        route_matrix = {Route.TEXTUAL: "text", Route.VISUAL: "visual", Route.HYBRID: "hybrid",
+                        Route.XREFLECT: "xreflect"}
+        matrices = {key: np.zeros((n_rows, dim), dtype=np.float32)
+                    for key in (*(route_matrix[r] for r in self.routes), "original")}
         fallback_original: Counter = Counter()
         table: dict[str, list] = {"item_id": [], "external_id": [], "title": [], "original": []}
-        for route in ROUTES:
+        for route in self.routes:
             table[route.value] = []
             table[f"{route.value}_status"] = []
         table["hybrid_rounds"] = []
@@ -464,7 +481,7 @@ class Deriver:
             table["external_id"].append(item.external_id)
             table["title"].append(item.title)
             table["original"].append(item.original_text)
-            for route in ROUTES:
+            for route in self.routes:
                 result = results[route].get(item.item_id)
                 if result is not None and result.status == "ok" and result.text is not None:
                     matrices[route_matrix[route]][item.item_id] = row_vector(result.text)
@@ -492,11 +509,11 @@ class Deriver:
         counts = {route: {**dict(report.counts[route]), "fallback_original": fallback_original[route]}
                   for route in report.counts}
         tokens = {"prompt": 0, "completion": 0}
-        for route in ROUTES:
+        for route in self.routes:
             for result in results[route].values():
                 tokens["prompt"] += result.prompt_tokens
                 tokens["completion"] += result.completion_tokens
-        templates = {route.value: sorted({r.template for r in results[route].values()}) for route in ROUTES}
+        templates = {route.value: sorted({r.template for r in results[route].values()}) for route in self.routes}
         manifest = {
             "format": ARTEFACT_FORMAT,
             "name": name,

@@ -18,7 +18,7 @@ Placeholders (``str.format`` fields):
   the literal path is used only by a backend whose ``image_input`` is ``"path"`` (a server that reads
   local files).
 
-Items without an image: the visual and hybrid routes fall back to the textual prompt (text only), and
+Items without an image: the visual, hybrid and xreflect routes fall back to the textual prompt (text only), and
 the fallback is counted and recorded per item.
 """
 
@@ -33,14 +33,16 @@ from prismrec.registry import Registry
 
 
 class Route(StrEnum):
-    """The three prompting routes of DMESR section 3.2.1."""
+    """The prompting routes: DMESR section 3.2.1's three, and the opt-in X-REFLECT cross-reflection route."""
 
     TEXTUAL = "textual"
     VISUAL = "visual"
     HYBRID = "hybrid"
+    XREFLECT = "xreflect"
 
 
 ROUTES: tuple[Route, ...] = (Route.TEXTUAL, Route.VISUAL, Route.HYBRID)
+"""The routes every derivation runs (DMESR's three); ``Route.XREFLECT`` runs only when asked for."""
 
 Modality = Literal["text", "image", "text+image"]
 """What a template asks the model to look at."""

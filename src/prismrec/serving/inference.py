@@ -1,11 +1,15 @@
 """Top-K for serving: one matrix product of the user vector with the precomputed item matrix, then topk.
 
 Every model whose score is a dot product (SASRec and the other :class:`SequentialRecommender` models,
-DMESR) is put in *dot-product form*: ``user_vectors(inputs) -> (B, D)`` and a fixed ``(n_items + 1, D)``
-item matrix. DMESR's is ``[e^coarse : e^fine]`` (Eq. 6): its item side is user-independent, precomputed
-at export time and loaded from ``item_tables.safetensors``, so serving never runs the adapters. Its two
-views go through the shared backbone as one stacked batch (one pass instead of two). Models without a
-dot-product form (popularity) are ranked with their own ``score``. At load the dot-product form is
+DMESR, and the item-side enhancer baselines CPMM, QARM and X-REFLECT) is put in *dot-product form*:
+``user_vectors(inputs) -> (B, D)`` and a fixed ``(n_items + 1, D)`` item matrix. DMESR's is
+``[e^coarse : e^fine]`` (Eq. 6): its item side is user-independent, precomputed at export time and loaded
+from ``item_tables.safetensors``, so serving never runs the adapters. Its two views go through the shared
+backbone as one stacked batch (one pass instead of two). The baselines
+(:class:`~prismrec.models.enhancer.EnhancedRecommender`) store their backbone's output item matrix
+(``output_items()``: every item through the baseline's encoder, computed once at export) and compute the
+user side with ``user_vectors()``, which encodes only the items of the request's histories. Models without
+a dot-product form (popularity) are ranked with their own ``score``. At load the dot-product form is
 checked against ``model.score`` on a probe batch, so a model whose scoring differs is never mis-served.
 
 Optional approximate search (``index="faiss"``, needs the ``faiss-cpu`` package): an HNSW inner-product
@@ -37,6 +41,7 @@ def _dmesr_parts(model: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
 def item_tensors(model: Recommender) -> dict[str, torch.Tensor]:
     """The user-independent item tensors an export stores (empty when the model has no dot-product form)."""
     from prismrec.models.dmesr import DMESR
+    from prismrec.models.enhancer import EnhancedRecommender
 
     if isinstance(model, DMESR):
         coarse, fine = _dmesr_parts(model)
@@ -46,6 +51,8 @@ def item_tensors(model: Recommender) -> dict[str, torch.Tensor]:
         out["scoring"] = coarse if fine is None else torch.cat([coarse, fine], dim=-1)
         return out
     if isinstance(model, SequentialRecommender) and type(model).score is SequentialRecommender.score:
+        return {"scoring": model.output_items()}
+    if isinstance(model, EnhancedRecommender):
         return {"scoring": model.output_items()}
     return {}
 
@@ -102,13 +109,14 @@ class Ranker:
     @classmethod
     def build(cls, model: Recommender, tables: dict[str, torch.Tensor], index: IndexKind = "exact") -> Ranker:
         from prismrec.models.dmesr import DMESR
+        from prismrec.models.enhancer import EnhancedRecommender
 
         model.eval()
         user_vectors = None
         matrix = tables.get("scoring")
         if isinstance(model, DMESR) and "coarse" in tables and matrix is not None:
             user_vectors = _dmesr_user_vectors(model, tables["coarse"], tables.get("fine"))
-        elif isinstance(model, SequentialRecommender) and matrix is not None:
+        elif isinstance(model, SequentialRecommender | EnhancedRecommender) and matrix is not None:
             user_vectors = model.user_vectors
         ranker = cls(model, user_vectors, matrix if user_vectors is not None else None, index=index)
         if user_vectors is not None and not ranker.agrees_with_model():

@@ -6,6 +6,11 @@
 - visual route: the poster analysed by EfficientNet-Lite0 (top ImageNet labels with probabilities) plus
   colour analysis (dominant colour names, brightness, contrast, saturation), as one sentence.
 - hybrid route: both together. There is nothing to refine, so multi-turn refinement is skipped.
+- xreflect route (opt-in, ``--with-xreflect``): no MLLM is involved, so no cross-reflection happens either.
+  The offline rendering lays the two modalities side by side as the evidence a reflection would weigh:
+  ``"Text: <attribute pairs>. Poster analysis: <image analysis>"``. Its embedding therefore carries the same
+  information as the hybrid one in a different wording; it exists so that the X-REFLECT baseline's four-way
+  pipeline runs end to end offline, not as a stand-in for a real model's answer.
 
 The image analysis is cached per image content hash, so visual and hybrid share one CNN pass per poster,
 and the 1280-d pooled features become the artefact's optional ``image`` matrix.
@@ -21,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from prismrec.semantics.backends.base import BACKENDS, Backend, ImageInput
 from prismrec.semantics.cache import SemanticCache
 from prismrec.semantics.image_analysis import ANALYSER_MODEL, RENDER_VERSION, ImageAnalyser, render_analysis
+from prismrec.semantics.prompts import XREFLECT
 from prismrec.semantics.types import Generation, GenerationFailure, GenerationRequest, GenerationResult
 
 
@@ -80,6 +86,11 @@ class DescribeBackend(Backend):
                 results.append(GenerationFailure(f"no image analysis for {item.image_path}"))
                 continue
             visual = render_analysis(analyses[item.image_sha][0])
-            text = visual if request.modality == "image" else f"{item.original_text.rstrip('. ')}. {visual}"
+            if request.template_key == XREFLECT.key:
+                text = f"Text: {item.original_text.rstrip('. ')}. Poster analysis: {visual}"
+            elif request.modality == "image":
+                text = visual
+            else:
+                text = f"{item.original_text.rstrip('. ')}. {visual}"
             results.append(Generation(text=text))
         return results

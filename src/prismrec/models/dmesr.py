@@ -43,7 +43,6 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from prismrec.config import ModelConfig
 from prismrec.data.split import LeaveOneOutSplit
 from prismrec.models.adapters import (
     Activation,
@@ -53,10 +52,11 @@ from prismrec.models.adapters import (
     unique_with_inverse,
 )
 from prismrec.models.alignment import AlignmentForm, symmetric_contrastive
-from prismrec.models.backbones import BACKBONES, BackboneOptions
+from prismrec.models.backbones import BACKBONES
 from prismrec.models.base import Recommender, next_item_batch
 from prismrec.models.bert4rec import cloze_batch
 from prismrec.models.cross_attention import BidirectionalCrossAttention
+from prismrec.models.enhancer import EnhancerConfig
 from prismrec.models.losses import bce_one_negative, full_softmax_ce
 from prismrec.models.registry import MODELS
 from prismrec.models.sasrec import xavier_init
@@ -64,16 +64,11 @@ from prismrec.models.sasrec import xavier_init
 ROUTES = ("text", "visual", "hybrid", "original")
 
 
-class DMESRConfig(ModelConfig):
+class DMESRConfig(EnhancerConfig):
+    """The semantics artefact, backbone shape and ``id_embedding`` come from :class:`EnhancerConfig`,
+    shared with the baselines so that every enhancer is configured the same way."""
+
     name: Literal["dmesr"] = "dmesr"
-    semantics: str = Field(..., description="semantics artefact name (under $PRISMREC_HOME/semantics) or path")
-    backbone: Literal["sasrec", "bert4rec", "gru4rec"] = "sasrec"
-    hidden_size: int = Field(128, ge=1, description="d, the adapters' output and the backbone's width")
-    num_blocks: int = Field(2, ge=1)
-    num_heads: int = Field(1, ge=1)
-    max_len: int = Field(200, ge=1)
-    dropout: float = Field(0.2, ge=0.0, lt=1.0)
-    mask_prob: float = Field(0.6, gt=0.0, le=1.0, description="cloze masking probability (bert4rec backbone)")
     adapter_activation: Activation = Field("none", description="paper: none (purely linear adapters)")
     alpha: float = Field(0.1, ge=0.0, description="weight of L_align (Eq. 8)")
     temperature: float = Field(2.0, gt=0.0, description="tau of Eq. 2 (paper: 2)")
@@ -82,7 +77,6 @@ class DMESRConfig(ModelConfig):
     cross_attention_dropout: float = Field(0.0, ge=0.0, lt=1.0)
     cross_attention_residual: bool = Field(False, description="add each view back to its cross-attended "
                                            "output (not in the paper's Eq. 5)")
-    id_embedding: bool = Field(False, description="add a learned ID embedding to both views' item vectors")
     without_alignment: bool = False
     without_cross_attention: bool = False
     without_original_view: bool = False
@@ -126,9 +120,7 @@ class DMESR(Recommender):
         self.id_embedding = nn.Embedding(self.n_items + 1, d, padding_idx=0) if config.id_embedding else None
         xavier_init(self)
         # f_theta, shared by both views; built after xavier_init so each backbone keeps its own initialisation.
-        self.backbone = spec.build(BackboneOptions(hidden_size=d, max_len=config.max_len, dropout=config.dropout,
-                                                   num_blocks=config.num_blocks, num_heads=config.num_heads,
-                                                   mask_prob=config.mask_prob))
+        self.backbone = spec.build(config.backbone_options())
         self._item_cache: tuple[torch.Tensor, torch.Tensor | None] | None = None
 
     @classmethod

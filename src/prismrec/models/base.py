@@ -15,7 +15,6 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
-from pydantic import BaseModel
 from torch import nn
 
 from prismrec.config import ModelConfig
@@ -155,7 +154,3 @@ class SequentialRecommender(Recommender):
         if loss == "ce":
             return full_softmax_ce(hidden, table, batch["targets"], mask)
         return bce_one_negative(hidden, table[batch["targets"]], table[batch["negatives"]], mask)
-
-
-def options_summary(config: BaseModel) -> str:
-    return ", ".join(f"{k}={v}" for k, v in config.model_dump().items())

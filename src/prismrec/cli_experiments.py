@@ -1,0 +1,76 @@
+"""``prismrec reproduce``: run an experiment grid from ``configs/experiments/`` and write its report."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from prismrec.cli import app
+from prismrec.config import ConfigError
+from prismrec.data.errors import DataError
+
+console = Console()
+
+
+def _seeds(text: str | None) -> list[int] | None:
+    if not text:
+        return None
+    try:
+        return [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise typer.BadParameter(f"--seeds must be comma-separated integers, got {text!r}") from None
+
+
+@app.command()
+def reproduce(
+    experiment: Annotated[str, typer.Argument(help="table2, table3, longtail, alpha, dim, mllm (a file in "
+                                                   "configs/experiments/) or the path of an experiment TOML")],
+    dataset: Annotated[str, typer.Option(help="registered dataset name")] = "movielens-small",
+    seeds: Annotated[str | None, typer.Option(help="comma-separated seeds (default: the experiment's)")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="override applied to every cell, "
+                                                   "e.g. training.max_epochs=50")] = None,
+    data_dir: Annotated[Path | None, typer.Option("--data-dir", help="folder with one sub-folder per dataset")] = None,
+    out: Annotated[Path | None, typer.Option(help="report folder (default "
+                                             "$PRISMREC_HOME/reports/<experiment>)")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="list the cells and which are done; "
+                                          "train nothing")] = False,
+    quiet: Annotated[bool, typer.Option(help="no progress view")] = False,
+) -> None:
+    """Run every cell of an experiment (reusing finished ones) and write table, JSON rows and figures."""
+    from prismrec.experiments import expand_cells, experiment_path, load_experiment
+    from prismrec.experiments import reproduce as run_experiment
+    from prismrec.experiments.runner import PER_USER_FILE, cell_dir, runs_root_default
+
+    overrides = list(set_ or [])
+    if data_dir is not None:
+        overrides.append(f"data.data_dir={json.dumps(str(data_dir))}")
+    command = " ".join(shlex.quote(a) for a in ["prismrec", *sys.argv[1:]]) if sys.argv[1:2] == ["reproduce"] \
+        else f"prismrec reproduce {experiment} --dataset {dataset}"
+    try:
+        if dry_run:
+            spec = load_experiment(experiment_path(experiment))
+            cells = expand_cells(spec, dataset, _seeds(seeds), overrides)
+            root = runs_root_default()
+            done = 0
+            for cell in cells:
+                finished = (cell_dir(root, cell) / PER_USER_FILE).exists()
+                done += finished
+                console.print(f"{'done' if finished else 'todo'}  {cell.cell_id}  ({cell.config.config_hash()})")
+            console.print(f"{len(cells)} cells: {done} done, {len(cells) - done} left")
+            return
+        report = run_experiment(experiment, dataset, _seeds(seeds), overrides, out_dir=out, command=command,
+                                quiet=quiet)
+    except (ConfigError, DataError, ValueError, FileNotFoundError) as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from None
+    console.print(f"{len(report['results'])} cells ({len(report['trained'])} trained now, "
+                  f"{len(report['results']) - len(report['trained'])} reused)")
+    console.print(f"table:   {report['table']}\nrows:    {report['json']}")
+    for figure in report["figures"]:
+        console.print(f"figure:  {figure}")

@@ -1,0 +1,51 @@
+"""Experiment grids that reproduce the paper's tables and figures (``prismrec reproduce``).
+
+``reproduce(...)`` = load an experiment file (:mod:`.spec`), run or reuse every cell (:mod:`.runner`), and
+write the report (:mod:`.report`) under ``$PRISMREC_HOME/reports/<experiment>/``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from prismrec.config import ConfigError
+from prismrec.data.paths import output_dir
+from prismrec.experiments.report import paired_t_test, write_report
+from prismrec.experiments.runner import CellResult, ExperimentRunner
+from prismrec.experiments.spec import Cell, ExperimentSpec, expand_cells, load_experiment
+
+__all__ = ["Cell", "CellResult", "ExperimentRunner", "ExperimentSpec", "expand_cells", "experiment_path",
+           "load_experiment", "paired_t_test", "reproduce", "write_report"]
+
+EXPERIMENTS_DIR = Path(__file__).resolve().parents[3] / "configs" / "experiments"
+
+
+def experiment_path(name_or_path: str) -> Path:
+    """A path to an experiment TOML, or the name of one in ``configs/experiments/``."""
+    path = Path(name_or_path)
+    if path.suffix == ".toml" or path.exists():
+        if not path.is_file():
+            raise ConfigError(f"experiment file not found: {path}")
+        return path
+    for folder in (Path.cwd() / "configs" / "experiments", EXPERIMENTS_DIR):
+        candidate = folder / f"{name_or_path}.toml"
+        if candidate.is_file():
+            return candidate
+    known = sorted(p.stem for p in EXPERIMENTS_DIR.glob("*.toml"))
+    raise ConfigError(f"unknown experiment {name_or_path!r}; known: {', '.join(known) or '(none)'}")
+
+
+def reproduce(experiment: str | Path, dataset: str, seeds: Sequence[int] | None = None,
+              overrides: Sequence[str] = (), out_dir: Path | None = None, runs_root: Path | None = None,
+              command: str = "", quiet: bool = False) -> dict[str, Any]:
+    """Run (or reuse) every cell of an experiment and write its report; returns the report's paths and rows."""
+    spec = load_experiment(experiment_path(str(experiment)))
+    cells = expand_cells(spec, dataset, seeds, overrides)
+    runner = ExperimentRunner(spec, cells, runs_root=runs_root, quiet=quiet)
+    results = runner.run()
+    out = out_dir or output_dir("reports") / spec.name
+    report = write_report(spec, results, dataset, out, command or f"prismrec reproduce {spec.name} "
+                          f"--dataset {dataset}")
+    return {**report, "results": results, "trained": list(runner.trained), "spec": spec}

@@ -1,0 +1,272 @@
+"""Turn finished cells into the paper-style report: markdown table, JSON rows, significance, figures.
+
+Values are test-split metrics of the best validation checkpoint, mean +- std (sample std, ddof=1) over
+seeds. The significance test is a two-sided paired t-test (:func:`scipy.stats.ttest_rel`) of the proposed
+method against the best baseline of the same backbone and axis values (best = highest mean on that
+metric and mode), over per-user test metrics of the seeds both have, concatenated seed after seed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from scipy import stats
+
+from prismrec.experiments.paper import paper_value
+from prismrec.experiments.runner import CellResult
+from prismrec.experiments.spec import ExperimentSpec
+
+MODES = ("sampled", "full")
+SUBSETS = ("all", "longtail")
+SHORT = {"hit@10": "H@10", "ndcg@10": "N@10"}
+
+
+def paired_t_test(a: np.ndarray, b: np.ndarray) -> float:
+    """Two-sided paired t-test p-value; 1.0 when the pairs do not differ at all (no evidence)."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if a.shape != b.shape:
+        raise ValueError(f"paired samples must align: {a.shape} vs {b.shape}")
+    diff = a - b
+    if len(diff) < 2 or np.allclose(diff, diff[0]):
+        return 1.0 if np.allclose(diff, 0.0) else 0.0
+    return float(stats.ttest_rel(a, b).pvalue)
+
+
+@dataclass
+class Row:
+    backbone: str
+    method: str
+    metric: str
+    mode: str
+    mean: float
+    std: float
+    paper: float | None
+    p_value: float | None = None
+    subset: str = "all"
+    axes: dict[str, Any] = field(default_factory=dict)
+    n_seeds: int = 0
+    best_baseline: str | None = None
+
+    @property
+    def diff(self) -> float | None:
+        return None if self.paper is None else self.mean - self.paper
+
+    def to_json(self) -> dict[str, Any]:
+        return {"backbone": self.backbone, "method": self.method, "metric": self.metric, "mode": self.mode,
+                "mean": self.mean, "std": self.std, "paper": self.paper, "p_value": self.p_value,
+                "subset": self.subset, "axes": self.axes, "n_seeds": self.n_seeds, "diff": self.diff,
+                "best_baseline": self.best_baseline}
+
+
+def _key_axes(result: CellResult) -> tuple[tuple[str, Any], ...]:
+    return result.cell.axis_values
+
+
+def _per_user_values(result: CellResult, mode: str, metric: str, subset: str) -> tuple[np.ndarray, np.ndarray]:
+    arrays = result.per_user()
+    users, values = arrays[f"test/{mode}/users"], arrays[f"test/{mode}/{metric}"]
+    if subset == "longtail":
+        mask = arrays[f"test/{mode}/longtail"].astype(bool)
+        users, values = users[mask], values[mask]
+    return users, values
+
+
+def _cell_value(result: CellResult, mode: str, metric: str, subset: str) -> float | None:
+    if subset == "all":
+        value = result.final["metrics"].get(f"test/{mode}", {}).get(metric)
+        return None if value is None else float(value)
+    if f"test/{mode}/{metric}" not in result.per_user():
+        return None
+    values = _per_user_values(result, mode, metric, subset)[1]
+    return float(values.mean()) if len(values) else float("nan")
+
+
+def build_rows(spec: ExperimentSpec, results: Sequence[CellResult], dataset: str) -> list[Row]:
+    groups: dict[tuple[str, str, tuple[tuple[str, Any], ...]], list[CellResult]] = defaultdict(list)
+    for result in results:
+        groups[(result.cell.backbone, result.cell.method, _key_axes(result))].append(result)
+    rows: list[Row] = []
+    index: dict[tuple[str, str, tuple[tuple[str, Any], ...], str, str, str], Row] = {}
+    for (backbone, method, axes), cells in groups.items():
+        for metric in spec.metrics:
+            for mode in MODES:
+                for subset in SUBSETS:
+                    values = [v for v in (_cell_value(c, mode, metric, subset) for c in cells) if v is not None]
+                    if not values:
+                        continue
+                    std = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+                    paper = paper_value(spec.paper_table, dataset, backbone, method, metric) \
+                        if mode == "sampled" and subset == "all" and not axes else None
+                    row = Row(backbone, method, metric, mode, float(np.mean(values)), std, paper, subset=subset,
+                              axes=dict(axes), n_seeds=len(values))
+                    rows.append(row)
+                    index[(backbone, method, axes, metric, mode, subset)] = row
+    baselines = {m.name for m in spec.methods if m.baseline and m.name != spec.proposed}
+    for (backbone, method, axes, metric, mode, subset), row in index.items():
+        if method != spec.proposed or metric not in spec.test_metrics:
+            continue
+        candidates = [(index[k].mean, k[1]) for k in index
+                      if k[1] in baselines and k[0] == backbone and k[2] == axes and k[3:] == (metric, mode, subset)]
+        if not candidates:
+            continue
+        best = max(candidates)[1]
+        row.best_baseline = best
+        row.p_value = _significance(groups[(backbone, method, axes)], groups[(backbone, best, axes)],
+                                    mode, metric, subset)
+    return rows
+
+
+def _significance(proposed: Sequence[CellResult], baseline: Sequence[CellResult], mode: str, metric: str,
+                  subset: str) -> float | None:
+    by_seed = {r.cell.seed: r for r in baseline}
+    ours: list[np.ndarray] = []
+    theirs: list[np.ndarray] = []
+    for result in sorted(proposed, key=lambda r: r.cell.seed):
+        other = by_seed.get(result.cell.seed)
+        if other is None:
+            continue
+        users_a, values_a = _per_user_values(result, mode, metric, subset)
+        users_b, values_b = _per_user_values(other, mode, metric, subset)
+        if not np.array_equal(users_a, users_b):
+            raise ValueError(f"{result.run_dir} and {other.run_dir} scored different test users: cannot pair them")
+        ours.append(values_a)
+        theirs.append(values_b)
+    if not ours:
+        return None
+    return paired_t_test(np.concatenate(ours), np.concatenate(theirs))
+
+
+def _fmt(value: float | None, digits: int = 4) -> str:
+    return "" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
+
+
+def _signed(value: float | None) -> str:
+    return "" if value is None else f"{value:+.4f}"
+
+
+def markdown_table(spec: ExperimentSpec, rows: Sequence[Row], results: Sequence[CellResult], dataset: str,
+                   command: str) -> str:
+    """The paper's layout: backbone / method rows; per metric ours (sampled-100), paper, difference, ours (full)."""
+    label = {m.name: m.shown for m in spec.methods}
+    backbone_label = {b.name: b.shown for b in spec.backbones}
+    table = {(r.backbone, r.method, tuple(sorted(r.axes.items())), r.metric, r.mode): r
+             for r in rows if r.subset == "all"}
+    axis_names = [a.name for a in spec.axes]
+    seeds = sorted({r.cell.seed for r in results})
+    lines = [f"# {spec.title or spec.name} ({dataset})", ""]
+    if spec.description:
+        lines += [spec.description.strip(), ""]
+    lines += ["Command:", "", "```bash", command, "```", "",
+              f"Test split, best validation checkpoint, mean ± std over seeds {', '.join(map(str, seeds))}. "
+              "s100: the paper's protocol (positive + 100 sampled negatives); full: ranked against every item. "
+              "paper: the published value (sampled protocol), Δ = ours − paper. "
+              f"`*`: {spec.proposed} differs from the best baseline of the same backbone (two-sided paired t-test "
+              "over per-user test metrics of matching seeds, p < 0.05); p-values in the JSON rows.", ""]
+    header = ["Backbone", "Method", *axis_names]
+    for metric in spec.metrics:
+        short = SHORT.get(metric, metric)
+        header += [f"{short} s100", "paper", "Δ", f"{short} full"]
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    settings = sorted({(r.backbone, r.method, tuple(sorted(r.axes.items()))) for r in rows},
+                      key=lambda s: ([b.name for b in spec.backbones].index(s[0]),
+                                     [m.name for m in spec.methods].index(s[1]), s[2]))
+    for backbone, method, axes in settings:
+        cells = [backbone_label.get(backbone, backbone), label.get(method, method), *(str(v) for _, v in axes)]
+        for metric in spec.metrics:
+            for mode in MODES:
+                row = table.get((backbone, method, axes, metric, mode))
+                if row is None:
+                    cells += ["", "", ""] if mode == "sampled" else [""]
+                    continue
+                star = "*" if row.p_value is not None and row.p_value < 0.05 else ""
+                value = f"{row.mean:.4f} ± {row.std:.4f}{star}"
+                cells += [value, _fmt(row.paper), _signed(row.diff)] if mode == "sampled" else [value]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "Wall-clock time per cell (training + evaluation; cells reused from earlier invocations keep the "
+              "time recorded when they ran):", "", "| cell | seconds | run directory |", "|---|---|---|"]
+    for result in results:
+        lines.append(f"| {result.cell.cell_id} | {_fmt(result.wall_seconds, 1)} | `{result.run_dir.name}` |")
+    total = sum(r.wall_seconds for r in results if not math.isnan(r.wall_seconds))
+    lines += ["", f"Total: {total:.1f} s over {len(results)} cells.", ""]
+    return "\n".join(lines)
+
+
+def write_figures(spec: ExperimentSpec, rows: Sequence[Row], out_dir: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written: list[Path] = []
+    label = {m.name: m.shown for m in spec.methods}
+    if "sweep" in spec.figures:
+        for axis in spec.axes:
+            fig, panels = plt.subplots(1, len(MODES), figsize=(5 * len(MODES), 3.6), squeeze=False)
+            for panel, mode in zip(panels[0], MODES, strict=True):
+                series: dict[tuple[str, str, str], list[Row]] = defaultdict(list)
+                for row in rows:
+                    if row.mode == mode and row.subset == "all" and axis.name in row.axes:
+                        series[(row.backbone, row.method, row.metric)].append(row)
+                for (backbone, method, metric), points in sorted(series.items()):
+                    points.sort(key=lambda r: axis.values.index(r.axes[axis.name]))
+                    xs = list(range(len(points)))
+                    name = f"{label.get(method, method)}/{backbone} {SHORT.get(metric, metric)}"
+                    panel.errorbar(xs, [p.mean for p in points], yerr=[p.std for p in points], marker="o",
+                                   capsize=3, label=name)
+                    panel.set_xticks(xs, [str(p.axes[axis.name]) for p in points])
+                panel.set_xlabel(axis.name)
+                panel.set_title(f"test, {mode} ranking")
+                panel.grid(alpha=0.3)
+                panel.legend(fontsize=7)
+            fig.tight_layout()
+            path = out_dir / f"{axis.name}.png"
+            fig.savefig(path, dpi=120)
+            plt.close(fig)
+            written.append(path)
+    for kind, subset, filename in (("longtail", "longtail", "longtail.png"), ("methods", "all", f"{spec.name}.png")):
+        if kind not in spec.figures:
+            continue
+        chosen = [r for r in rows if r.subset == subset and r.mode == "sampled" and not r.axes]
+        backbones = [b.name for b in spec.backbones if any(r.backbone == b.name for r in chosen)]
+        methods = [m.name for m in spec.methods if any(r.method == m.name for r in chosen)]
+        fig, panels = plt.subplots(1, len(spec.metrics), figsize=(5 * len(spec.metrics), 3.6), squeeze=False)
+        width = 0.8 / max(1, len(methods))
+        for panel, metric in zip(panels[0], spec.metrics, strict=True):
+            for m, method in enumerate(methods):
+                found = {r.backbone: r for r in chosen if r.method == method and r.metric == metric}
+                xs = [b + m * width for b in range(len(backbones))]
+                panel.bar(xs, [found[b].mean if b in found else 0.0 for b in backbones], width,
+                          yerr=[found[b].std if b in found else 0.0 for b in backbones], capsize=2,
+                          label=label.get(method, method))
+            shown = [next(x.shown for x in spec.backbones if x.name == b) for b in backbones]
+            panel.set_xticks([b + 0.4 - width / 2 for b in range(len(backbones))], shown)
+            users = "long-tail users" if subset == "longtail" else "all users"
+            panel.set_title(f"{SHORT.get(metric, metric)} (s100, {users})")
+            panel.grid(axis="y", alpha=0.3)
+            panel.legend(fontsize=7)
+        fig.tight_layout()
+        path = out_dir / filename
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def write_report(spec: ExperimentSpec, results: Sequence[CellResult], dataset: str, out_dir: Path,
+                 command: str) -> dict[str, Any]:
+    """Write ``<name>.md``, ``<name>.json`` (the rows) and the figures into ``out_dir``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows = build_rows(spec, results, dataset)
+    table_path = out_dir / f"{spec.name}.md"
+    table_path.write_text(markdown_table(spec, rows, results, dataset, command), encoding="utf-8")
+    json_path = out_dir / f"{spec.name}.json"
+    json_path.write_text(json.dumps([r.to_json() for r in rows], indent=2, default=str) + "\n", encoding="utf-8")
+    figures = write_figures(spec, rows, out_dir)
+    return {"table": table_path, "json": json_path, "figures": figures, "rows": rows}

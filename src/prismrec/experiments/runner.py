@@ -1,0 +1,195 @@
+"""Run an experiment grid: every cell a normal run directory, finished cells reused.
+
+Cells live in ``$PRISMREC_HOME/runs/experiments/<cell id>-<config hash>`` (shared by experiments: the
+DMESR cells of Table 2 are those of Table 3 and of the long-tail figure). A cell whose directory holds
+``final.json`` and ``per_user.safetensors`` written for the same resolved config hash and data fingerprint
+is reused as is; one killed mid-training resumes from its ``last.safetensors``. So an interrupted or
+extended grid continues where it stopped. ``cell.json`` records the cell's coordinates and wall time.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from safetensors.numpy import load_file as load_numpy
+from safetensors.numpy import save_file as save_numpy
+from safetensors.torch import load_file
+
+from prismrec.config import RunConfig
+from prismrec.data.paths import output_dir
+from prismrec.data.split import LeaveOneOutSplit
+from prismrec.experiments.spec import Cell, ExperimentSpec
+from prismrec.training.runs import write_json
+from prismrec.training.trainer import (
+    BEST_CHECKPOINT,
+    LAST_CHECKPOINT,
+    Evaluators,
+    Trainer,
+    build_model,
+    prepare_split,
+    seed_everything,
+)
+
+console = Console()
+PER_USER_FILE = "per_user.safetensors"
+CELL_FILE = "cell.json"
+LONGTAIL_SHARE = 0.8  # paper Figure 2: targets among the last 80% of items by training popularity
+
+
+@dataclass
+class CellResult:
+    cell: Cell
+    run_dir: Path
+    final: dict[str, Any]
+    wall_seconds: float
+    reused: bool
+
+    def per_user(self) -> dict[str, np.ndarray]:
+        return load_numpy(str(self.run_dir / PER_USER_FILE))
+
+
+def runs_root_default() -> Path:
+    return output_dir("runs") / "experiments"
+
+
+def cell_dir(root: Path, cell: Cell) -> Path:
+    return root / f"{cell.cell_id}-{cell.config.config_hash()}"
+
+
+def longtail_items(split: LeaveOneOutSplit, share: float = LONGTAIL_SHARE) -> np.ndarray:
+    """Boolean mask over item ids (index 0 = padding): the ``share`` least popular items in training."""
+    n_items = split.dataset.n_items
+    counts = np.zeros(n_items + 1, dtype=np.int64)
+    for seq in split.train_sequences:
+        np.add.at(counts, np.asarray(seq, dtype=np.int64), 1)
+    order = np.argsort(-counts[1:], kind="stable") + 1  # most popular first, ties by id
+    head = round(n_items * (1.0 - share))
+    mask = np.ones(n_items + 1, dtype=bool)
+    mask[0] = False
+    mask[order[:head]] = False
+    return mask
+
+
+def save_per_user(run_dir: Path, model: torch.nn.Module, evaluators: Evaluators, split: LeaveOneOutSplit) -> None:
+    """Per-user test metrics of both modes (the paired t-tests and long-tail figures read these)."""
+    arrays: dict[str, np.ndarray] = {}
+    tail = longtail_items(split)
+    for evaluator in (evaluators.sampled, evaluators.full):
+        if evaluator is None:
+            continue
+        result = evaluator.evaluate(model, "test")  # type: ignore[arg-type]
+        prefix = f"test/{evaluator.mode}"
+        arrays[f"{prefix}/users"] = result.users.astype(np.int64)
+        for name, values in result.per_user.items():
+            arrays[f"{prefix}/{name}"] = np.asarray(values, dtype=np.float64)
+        targets = np.array([split.inputs_and_target(int(u), "test")[1] for u in result.users], dtype=np.int64)
+        arrays[f"{prefix}/longtail"] = tail[targets].astype(np.uint8)
+    tmp = run_dir / (PER_USER_FILE + ".tmp")
+    save_numpy(arrays, str(tmp))
+    tmp.replace(run_dir / PER_USER_FILE)
+
+
+def rescore(run_dir: Path, config: RunConfig, split: LeaveOneOutSplit) -> None:
+    """Per-user metrics of a finished run from its best checkpoint (for runs trained outside the runner)."""
+    seed_everything(config.seed)
+    model = build_model(config, split)
+    model.load_state_dict(load_file(str(run_dir / BEST_CHECKPOINT)))
+    save_per_user(run_dir, model, Evaluators.from_config(config, split), split)
+
+
+def _finished(run_dir: Path, config: RunConfig, fingerprint: str) -> bool:
+    meta_path, final_path = run_dir / "meta.json", run_dir / "final.json"
+    if not (meta_path.exists() and final_path.exists()):
+        return False
+    meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    return meta.get("config_hash") == config.config_hash() and meta.get("data_fingerprint") == fingerprint
+
+
+class ExperimentRunner:
+    """Executes the cells of one experiment in order, reusing what is already done."""
+
+    def __init__(self, spec: ExperimentSpec, cells: Sequence[Cell], runs_root: Path | None = None,
+                 quiet: bool = False) -> None:
+        self.spec = spec
+        self.cells = list(cells)
+        self.root = runs_root or runs_root_default()
+        self.quiet = quiet
+        self._splits: dict[str, LeaveOneOutSplit] = {}
+        self.trained: list[str] = []  # cell ids trained (not reused) by this runner
+
+    def split_for(self, config: RunConfig) -> LeaveOneOutSplit:
+        key = json.dumps(config.data.model_dump(mode="json"), sort_keys=True)
+        if key not in self._splits:
+            self._splits[key] = prepare_split(config)
+        return self._splits[key]
+
+    def run_cell(self, cell: Cell) -> CellResult:
+        split = self.split_for(cell.config)
+        run_dir = cell_dir(self.root, cell)
+        fingerprint = split.dataset.fingerprint
+        cell_path = run_dir / CELL_FILE
+        if _finished(run_dir, cell.config, fingerprint):
+            if not (run_dir / PER_USER_FILE).exists():
+                rescore(run_dir, cell.config, split)
+            wall = json.loads(cell_path.read_text())["wall_seconds"] if cell_path.exists() else float("nan")
+            final = json.loads((run_dir / "final.json").read_text(encoding="utf-8"))
+            return CellResult(cell, run_dir, final, wall, reused=True)
+        resume = (run_dir / "meta.json").exists() and (run_dir / LAST_CHECKPOINT).exists()
+        start = time.perf_counter()
+        trainer = Trainer(cell.config, split=split, run_dir=run_dir, quiet=True, resume=resume)
+        trainer.fit()
+        save_per_user(run_dir, trainer.model, trainer.evaluators, split)
+        wall = time.perf_counter() - start
+        previous = json.loads(cell_path.read_text()) if cell_path.exists() else {}
+        write_json(cell_path, {"experiment": self.spec.name, "method": cell.method, "backbone": cell.backbone,
+                               "seed": cell.seed, "axes": dict(cell.axis_values), "setting": cell.setting,
+                               "config_hash": cell.config.config_hash(), "data_fingerprint": fingerprint,
+                               "wall_seconds": wall + float(previous.get("wall_seconds", 0.0)),
+                               "resumed": resume})
+        self.trained.append(cell.cell_id)
+        final = json.loads((run_dir / "final.json").read_text(encoding="utf-8"))
+        return CellResult(cell, run_dir, final, float(json.loads(cell_path.read_text())["wall_seconds"]), False)
+
+    def run(self, on_result: Callable[[CellResult], None] | None = None) -> list[CellResult]:
+        results: list[CellResult] = []
+        # Cells that look finished on disk are reused in seconds: the ETA counts only the others.
+        pending = [not ((cell_dir(self.root, c) / "final.json").exists()
+                        and (cell_dir(self.root, c) / PER_USER_FILE).exists()) for c in self.cells]
+        trained_seconds: list[float] = []
+        progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                            TimeElapsedColumn(), TextColumn("{task.fields[status]}"), console=console,
+                            disable=self.quiet)
+        total = len(self.cells)
+        with progress:
+            task = progress.add_task(f"{self.spec.name}", total=total, status="")
+            for index, cell in enumerate(self.cells):
+                left = total - index - 1
+                eta = _eta(trained_seconds, sum(pending[index:]))
+                progress.update(task, status=f"done {index}  running 1 ({cell.cell_id})  left {left}  ETA {eta}")
+                result = self.run_cell(cell)
+                if not result.reused:
+                    trained_seconds.append(result.wall_seconds)
+                results.append(result)
+                if on_result is not None:
+                    on_result(result)
+                progress.update(task, advance=1)
+            progress.update(task, status=f"done {total}  running 0  left 0  ({len(self.trained)} trained, "
+                                         f"{total - len(self.trained)} reused)")
+        return results
+
+
+def _eta(trained_seconds: list[float], cells_to_train: int) -> str:
+    if not trained_seconds:
+        return "?"
+    seconds = float(np.mean(trained_seconds)) * cells_to_train
+    hours, rest = divmod(int(seconds), 3600)
+    return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"

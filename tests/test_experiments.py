@@ -1,0 +1,218 @@
+"""Experiment grids end to end on MovieLens: tiny models, one epoch, real run directories and reports."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from prismrec.config import ConfigError
+from prismrec.experiments import expand_cells, load_experiment, paired_t_test, reproduce
+from prismrec.experiments.runner import PER_USER_FILE
+
+from conftest import SHARED_DATA
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+TINY = ["model.max_len=10", "model.hidden_size=16", "training.max_epochs=1",
+        "training.batch_size=256", "training.num_threads=1", "evaluation.ks=[10]", "evaluation.batch_size=1024"]
+
+pytestmark = pytest.mark.skipif(not (SHARED_DATA / "movielens-small").is_dir(),
+                                reason="../shared/data/movielens-small is not present")
+
+
+def _experiment(tmp_path: Path, name: str, body: str) -> Path:
+    path = tmp_path / f"{name}.toml"
+    path.write_text(f'name = "{name}"\nconfig_root = "{CONFIGS}"\n' + textwrap.dedent(body), encoding="utf-8")
+    return path
+
+
+GRID = """
+    seeds = [42, 43]
+    proposed = "GRU"
+    paper_table = "table2"
+    figures = ["longtail", "methods"]
+    overrides = {tiny}
+
+    [[methods]]
+    name = "None"
+    config = "movielens_{{backbone}}.toml"
+    overrides = ["model.num_blocks=1"]
+
+    [[methods]]
+    name = "GRU"
+    config = "movielens_gru4rec.toml"
+    overrides = ["model.num_layers=1"]
+
+    [[backbones]]
+    name = "sasrec"
+"""
+
+
+def test_paired_t_test_matches_scipy():
+    rng = np.random.default_rng(0)
+    a = rng.random(50)
+    b = a - 0.05 + 0.1 * rng.random(50)
+    assert paired_t_test(a, b) == pytest.approx(stats.ttest_rel(a, b).pvalue)
+    assert paired_t_test(np.array([1.0, 0.0, 1.0, 1.0]), np.array([0.0, 0.0, 1.0, 0.0])) == pytest.approx(
+        stats.ttest_rel([1.0, 0.0, 1.0, 1.0], [0.0, 0.0, 1.0, 0.0]).pvalue)
+    assert paired_t_test(np.ones(5), np.ones(5)) == 1.0  # identical: no evidence of a difference
+    with pytest.raises(ValueError, match="align"):
+        paired_t_test(np.ones(3), np.ones(4))
+
+
+def test_bad_experiment_files_name_the_problem(tmp_path):
+    path = _experiment(tmp_path, "bad", """
+        proposed = "Nope"
+        [[methods]]
+        name = "None"
+        config = "movielens_sasrec.toml"
+        [[backbones]]
+        name = "sasrec"
+    """)
+    with pytest.raises(ConfigError, match="proposed = 'Nope'"):
+        load_experiment(path)
+    path = _experiment(tmp_path, "typo", """
+        proposed = "None"
+        [[methods]]
+        name = "None"
+        config = "movielens_sasrec.toml"
+        overrides = ["training.lrr=0.1"]
+        [[backbones]]
+        name = "sasrec"
+    """)
+    with pytest.raises(ConfigError, match=r"training\.lrr"):
+        expand_cells(load_experiment(path), "movielens-small")
+
+
+def test_grid_runs_reuses_extends_and_reports(tmp_path):
+    path = _experiment(tmp_path, "tiny", GRID.format(tiny=json.dumps(TINY)))
+    runs, out = tmp_path / "runs", tmp_path / "report"
+    first = reproduce(path, "movielens-small", overrides=[], out_dir=out, runs_root=runs, quiet=True)
+    assert len(first["results"]) == 4 and len(first["trained"]) == 4
+    checkpoints = {r.cell.cell_id: (r.run_dir / "model.safetensors").stat().st_mtime_ns for r in first["results"]}
+    for result in first["results"]:
+        assert (result.run_dir / PER_USER_FILE).exists()
+        cell = json.loads((result.run_dir / "cell.json").read_text())
+        assert cell["wall_seconds"] > 0 and cell["config_hash"] == result.cell.config.config_hash()
+
+    # Same grid again: nothing trains, every run directory is reused untouched.
+    second = reproduce(path, "movielens-small", out_dir=out, runs_root=runs, quiet=True)
+    assert second["trained"] == []
+    assert {r.cell.cell_id: (r.run_dir / "model.safetensors").stat().st_mtime_ns
+            for r in second["results"]} == checkpoints
+    # Extended by a seed: only the two new cells train.
+    third = reproduce(path, "movielens-small", seeds=[42, 43, 44], out_dir=out, runs_root=runs, quiet=True)
+    assert sorted(third["trained"]) == ["GRU-sasrec-s44", "None-sasrec-s44"]
+
+    rows = json.loads((out / "tiny.json").read_text())
+    assert {tuple(sorted(k for k in row if k in {"backbone", "method", "metric", "mode", "mean", "std", "paper",
+                                                 "p_value"})) for row in rows} == {
+        ("backbone", "mean", "method", "metric", "mode", "p_value", "paper", "std")}
+    by_key = {(r["method"], r["metric"], r["mode"], r["subset"]): r for r in rows}
+    none_hit = by_key[("None", "hit@10", "sampled", "all")]
+    assert none_hit["paper"] == 0.4951 and none_hit["n_seeds"] == 3  # Table 2, SASRec, MovieLens
+    assert by_key[("None", "hit@10", "full", "all")]["paper"] is None
+    finals = [json.loads((r.run_dir / "final.json").read_text()) for r in third["results"] if r.cell.method == "None"]
+    values = [f["metrics"]["test/sampled"]["hit@10"] for f in finals]
+    assert none_hit["mean"] == pytest.approx(np.mean(values))
+    assert none_hit["std"] == pytest.approx(np.std(values, ddof=1))
+
+    # The p-value is scipy's paired test over the per-user arrays of matching seeds, concatenated.
+    gru_ndcg = by_key[("GRU", "ndcg@10", "full", "all")]
+    assert gru_ndcg["best_baseline"] == "None"
+    per_user = {(r.cell.method, r.cell.seed): r.per_user() for r in third["results"]}
+    ours = np.concatenate([per_user[("GRU", s)]["test/full/ndcg@10"] for s in (42, 43, 44)])
+    theirs = np.concatenate([per_user[("None", s)]["test/full/ndcg@10"] for s in (42, 43, 44)])
+    assert gru_ndcg["p_value"] == pytest.approx(stats.ttest_rel(ours, theirs).pvalue)
+    assert by_key[("None", "ndcg@10", "full", "all")]["p_value"] is None
+    longtail = by_key[("GRU", "hit@10", "sampled", "longtail")]
+    mask = np.concatenate([per_user[("GRU", s)]["test/sampled/longtail"] for s in (42, 43, 44)]).astype(bool)
+    assert 0 < mask.sum() < len(mask)
+    assert longtail["n_seeds"] == 3
+
+    table = (out / "tiny.md").read_text()
+    none_line = next(line for line in table.splitlines() if line.startswith("| sasrec | None |"))
+    assert f"{none_hit['mean']:.4f} ± {none_hit['std']:.4f}" in none_line
+    assert "0.4951" in none_line and f"{none_hit['mean'] - 0.4951:+.4f}" in none_line
+    gru_line = next(line for line in table.splitlines() if line.startswith("| sasrec | GRU |"))
+    star = "*" if gru_ndcg["p_value"] < 0.05 else ""
+    assert f"{gru_ndcg['mean']:.4f} ± {gru_ndcg['std']:.4f}{star} |" in gru_line
+    assert "GRU-sasrec-s44" in table  # wall time per cell
+    for figure in ("longtail.png", "tiny.png"):
+        assert (out / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_sweep_figure(tmp_path):
+    path = _experiment(tmp_path, "sweep", f"""
+        seeds = [42]
+        proposed = "None"
+        figures = ["sweep"]
+        overrides = {json.dumps([o for o in TINY if not o.startswith("model.hidden_size")])}
+        [[methods]]
+        name = "None"
+        config = "movielens_{{backbone}}.toml"
+        [[backbones]]
+        name = "sasrec"
+        [[axes]]
+        name = "d"
+        key = "model.hidden_size"
+        values = [8, 16]
+    """)
+    report = reproduce(path, "movielens-small", out_dir=tmp_path / "out", runs_root=tmp_path / "runs", quiet=True)
+    assert [r.cell.cell_id for r in report["results"]] == ["None-sasrec-d8-s42", "None-sasrec-d16-s42"]
+    assert [r.cell.config.model.hidden_size for r in report["results"]] == [8, 16]
+    assert (tmp_path / "out" / "d.png").read_bytes()[:4] == b"\x89PNG"
+    table = (tmp_path / "out" / "sweep.md").read_text()
+    assert "| Backbone | Method | d |" in table
+
+    # A cell killed after its last checkpoint but before its results: the runner resumes it (no retraining
+    # of finished epochs) and ends with the same metrics.
+    killed = report["results"][1]
+    before = json.loads((killed.run_dir / "final.json").read_text())["metrics"]
+    (killed.run_dir / "final.json").unlink()
+    (killed.run_dir / PER_USER_FILE).unlink()
+    again = reproduce(path, "movielens-small", out_dir=tmp_path / "out", runs_root=tmp_path / "runs", quiet=True)
+    assert again["trained"] == ["None-sasrec-d16-s42"]
+    assert json.loads((killed.run_dir / "cell.json").read_text())["resumed"] is True
+    assert json.loads((killed.run_dir / "final.json").read_text())["metrics"] == before
+
+
+def test_cli_on_the_yelp_fixture(tmp_path):
+    """The same command on another dataset: the Yelp loader's fixture, through the CLI."""
+    from typer.testing import CliRunner
+
+    from prismrec.cli import app
+    from test_data_yelp import write_fixture
+
+    write_fixture(tmp_path / "data" / "yelp", gz=False)
+    path = _experiment(tmp_path, "yelp-tiny", """
+        seeds = [42, 43]
+        proposed = "GRU"
+        paper_table = "table2"
+        [[methods]]
+        name = "None"
+        config = "movielens_{backbone}.toml"
+        [[methods]]
+        name = "GRU"
+        config = "movielens_gru4rec.toml"
+        [[backbones]]
+        name = "sasrec"
+    """)
+    args = ["reproduce", str(path), "--dataset", "yelp", "--data-dir", str(tmp_path / "data"),
+            "--out", str(tmp_path / "out"), "--quiet", "--set", "evaluation.num_negatives=5"]
+    for override in TINY:
+        args += ["--set", override]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "4 cells (4 trained now, 0 reused)" in result.output
+    rows = json.loads((tmp_path / "out" / "yelp-tiny.json").read_text())
+    none_hit = next(r for r in rows if (r["method"], r["metric"], r["mode"], r["subset"]) ==
+                    ("None", "hit@10", "sampled", "all"))
+    assert none_hit["paper"] == 0.6346  # Table 2, SASRec, Yelp
+    assert "--dataset yelp" in (tmp_path / "out" / "yelp-tiny.md").read_text()
+    dry = CliRunner().invoke(app, [*args, "--dry-run"])
+    assert dry.exit_code == 0 and "4 cells: 4 done, 0 left" in dry.output

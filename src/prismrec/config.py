@@ -149,19 +149,24 @@ def validate_config(data: dict[str, Any], source: str = "configuration") -> RunC
         raise ConfigError(f"invalid configuration in {source}: {exc}") from None
 
 
+def read_toml(path: Path | str, what: str = "config") -> dict[str, Any]:
+    """Parse a TOML file, turning a missing file or a syntax error into a :class:`ConfigError`."""
+    path = Path(path)
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{what} file not found: {path}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+
+
 def load_config(path: Path | str | None, overrides: Sequence[str] = ()) -> RunConfig:
     """Read a TOML run config (or start from defaults when ``path`` is None) and apply overrides."""
     data: dict[str, Any] = {}
     source = "command-line overrides"
     if path is not None:
-        path = Path(path)
         source = str(path)
-        try:
-            data = tomllib.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise ConfigError(f"config file not found: {path}") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+        data = read_toml(path)
     data = apply_overrides(data, overrides)
     return validate_config(data, source)
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import itertools
 import re
-import tomllib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +17,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from prismrec.config import ConfigError, RunConfig, format_validation_error, load_config
+from prismrec.config import ConfigError, RunConfig, format_validation_error, load_config, read_toml
 
 FigureKind = Literal["sweep", "longtail", "methods"]
 _NAME = r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$"
@@ -110,12 +109,7 @@ class Cell:
 
 def load_experiment(path: Path | str) -> ExperimentSpec:
     path = Path(path)
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"experiment file not found: {path}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    data = read_toml(path, "experiment")
     try:
         spec = ExperimentSpec.model_validate(data)
     except ValidationError as exc:

@@ -11,7 +11,7 @@ import pytest
 from scipy import stats
 
 from prismrec.config import ConfigError
-from prismrec.experiments import expand_cells, load_experiment, paired_t_test, reproduce
+from prismrec.experiments import expand_cells, load_experiment, paired_t_test, reproduce, restrict_backbones
 from prismrec.experiments.runner import PER_USER_FILE
 
 from conftest import SHARED_DATA
@@ -86,6 +86,17 @@ def test_bad_experiment_files_name_the_problem(tmp_path):
     """)
     with pytest.raises(ConfigError, match=r"training\.lrr"):
         expand_cells(load_experiment(path), "movielens-small")
+
+
+def test_backbone_subset_keeps_cell_hashes(tmp_path):
+    spec = load_experiment(CONFIGS / "experiments" / "table2.toml")
+    everything = {c.cell_id: c.config.config_hash() for c in expand_cells(spec, "movielens-small", [42])}
+    subset = expand_cells(restrict_backbones(spec, ["gru4rec"]), "movielens-small", [42])
+    assert [c.backbone for c in subset] == ["gru4rec"] * len(spec.methods)
+    # A grid run one backbone at a time reuses the same cells as the whole grid.
+    assert all(everything[c.cell_id] == c.config.config_hash() for c in subset)
+    with pytest.raises(ConfigError, match="unknown backbone"):
+        restrict_backbones(spec, ["sasrec", "transformer"])
 
 
 def test_grid_runs_reuses_extends_and_reports(tmp_path):

@@ -41,20 +41,23 @@ def reproduce(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="list the cells and which are done; "
                                           "train nothing")] = False,
     quiet: Annotated[bool, typer.Option(help="no progress view")] = False,
+    backbones: Annotated[str | None, typer.Option(help="comma-separated subset of the experiment's backbones "
+                                                  "(default: all)")] = None,
 ) -> None:
     """Run every cell of an experiment (reusing finished ones) and write table, JSON rows and figures."""
-    from prismrec.experiments import expand_cells, experiment_path, load_experiment
+    from prismrec.experiments import expand_cells, experiment_path, load_experiment, restrict_backbones
     from prismrec.experiments import reproduce as run_experiment
     from prismrec.experiments.runner import PER_USER_FILE, cell_dir, runs_root_default
 
     overrides = list(set_ or [])
+    backbone_names = [b.strip() for b in backbones.split(",") if b.strip()] if backbones else None
     if data_dir is not None:
         overrides.append(f"data.data_dir={json.dumps(str(data_dir))}")
     command = " ".join(shlex.quote(a) for a in ["prismrec", *sys.argv[1:]]) if sys.argv[1:2] == ["reproduce"] \
         else f"prismrec reproduce {experiment} --dataset {dataset}"
     try:
         if dry_run:
-            spec = load_experiment(experiment_path(experiment))
+            spec = restrict_backbones(load_experiment(experiment_path(experiment)), backbone_names)
             cells = expand_cells(spec, dataset, _seeds(seeds), overrides)
             root = runs_root_default()
             done = 0
@@ -65,7 +68,7 @@ def reproduce(
             console.print(f"{len(cells)} cells: {done} done, {len(cells) - done} left")
             return
         report = run_experiment(experiment, dataset, _seeds(seeds), overrides, out_dir=out, command=command,
-                                quiet=quiet)
+                                quiet=quiet, backbones=backbone_names)
     except (ConfigError, DataError, ValueError, FileNotFoundError) as exc:
         console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2) from None

@@ -14,10 +14,10 @@ from prismrec.config import ConfigError
 from prismrec.data.paths import output_dir
 from prismrec.experiments.report import paired_t_test, write_report
 from prismrec.experiments.runner import CellResult, ExperimentRunner
-from prismrec.experiments.spec import Cell, ExperimentSpec, expand_cells, load_experiment
+from prismrec.experiments.spec import Cell, ExperimentSpec, expand_cells, load_experiment, restrict_backbones
 
 __all__ = ["Cell", "CellResult", "ExperimentRunner", "ExperimentSpec", "expand_cells", "experiment_path",
-           "load_experiment", "paired_t_test", "reproduce", "write_report"]
+           "load_experiment", "paired_t_test", "reproduce", "restrict_backbones", "write_report"]
 
 EXPERIMENTS_DIR = Path(__file__).resolve().parents[3] / "configs" / "experiments"
 
@@ -39,9 +39,9 @@ def experiment_path(name_or_path: str) -> Path:
 
 def reproduce(experiment: str | Path, dataset: str, seeds: Sequence[int] | None = None,
               overrides: Sequence[str] = (), out_dir: Path | None = None, runs_root: Path | None = None,
-              command: str = "", quiet: bool = False) -> dict[str, Any]:
+              command: str = "", quiet: bool = False, backbones: Sequence[str] | None = None) -> dict[str, Any]:
     """Run (or reuse) every cell of an experiment and write its report; returns the report's paths and rows."""
-    spec = load_experiment(experiment_path(str(experiment)))
+    spec = restrict_backbones(load_experiment(experiment_path(str(experiment))), backbones)
     cells = expand_cells(spec, dataset, seeds, overrides)
     runner = ExperimentRunner(spec, cells, runs_root=runs_root, quiet=quiet)
     results = runner.run()

@@ -119,6 +119,22 @@ def load_experiment(path: Path | str) -> ExperimentSpec:
     return spec
 
 
+def restrict_backbones(spec: ExperimentSpec, backbones: Sequence[str] | None) -> ExperimentSpec:
+    """The experiment on a subset of its backbones (``--backbones``), e.g. to run a grid one backbone at a time.
+
+    Cells keep their config hashes, so a later run over all backbones reuses the finished ones.
+    """
+    if not backbones:
+        return spec
+    known = [b.name for b in spec.backbones]
+    unknown = [name for name in backbones if name not in known]
+    if unknown:
+        raise ConfigError(f"experiment {spec.name}: unknown backbone(s) {', '.join(unknown)}; "
+                          f"it has {', '.join(known)}")
+    kept = [b for b in spec.backbones if b.name in backbones]
+    return spec.model_copy(update={"backbones": kept})
+
+
 def _fill(text: str, backbone: str, dataset: str) -> str:
     return text.replace("{backbone}", backbone).replace("{dataset}", dataset)
 

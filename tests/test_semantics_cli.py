@@ -51,6 +51,27 @@ def test_cli_derive_describe_status_show(env: dict[str, str]) -> None:
     assert unknown.exit_code == 2 and "movielens-small-describe-limit3" in unknown.output
 
 
+def test_cli_derive_applies_the_training_filter(env: dict[str, str]) -> None:
+    """Artefact rows follow internal item ids, so derive must filter the catalogue as the training config does."""
+    from prismrec.data import load_sequences
+
+    # One movie rated by a single user: a min-item-interactions=2 filter drops exactly it.
+    ratings = Path(env["data"]) / "movielens-small" / "ratings.csv"
+    header, *rows = ratings.read_text().splitlines()
+    rare = rows[-1].split(",")[1]
+    rows = [r for r in rows if r.split(",")[1] != rare or r.split(",")[0] == "1"]
+    ratings.write_text("\n".join([header, *rows]) + "\n")
+    unfiltered = load_sequences("movielens-small", Path(env["data"]))
+    filtered = load_sequences("movielens-small", Path(env["data"]), min_item_interactions=2)
+    assert filtered.n_items == unfiltered.n_items - 1 and rare not in set(filtered.item_ids)
+    result = runner.invoke(app, ["derive", "movielens-small", "--data-dir", env["data"], "--min-item-interactions",
+                                 "2", "--name", "filtered", "--cache", env["cache"]])
+    assert result.exit_code == 0, result.output
+    artefact = load_artefact("filtered")
+    artefact.check_matches(filtered.item_ids)
+    assert artefact.matrices["text"].shape[0] == filtered.n_items + 1
+
+
 def test_cli_rejects_options_a_backend_does_not_take(env: dict[str, str]) -> None:
     result = runner.invoke(app, ["derive", "movielens-small", "--data-dir", env["data"], "--base-url",
                                  "http://127.0.0.1:1/v1", "--cache", env["cache"]])

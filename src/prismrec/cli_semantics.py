@@ -91,6 +91,9 @@ def derive(
                                                        "instead of failing")] = None,
     with_xreflect: Annotated[bool, typer.Option("--with-xreflect", help="also run the X-REFLECT cross-reflection "
                                                 "prompt and write an 'xreflect' matrix")] = False,
+    min_user_interactions: Annotated[int, typer.Option(min=1, help="k-core filter; must match the training "
+                                                       "config's data section (rows follow internal item ids)")] = 1,
+    min_item_interactions: Annotated[int, typer.Option(min=1, help="k-core filter (as above)")] = 1,
 ) -> None:
     """Derive item semantics for DATASET (DMESR three-way prompting) and write semantics/NAME/.
 
@@ -110,7 +113,8 @@ def derive(
         })
         options = DeriveOptions(dataset=dataset, data_dir=data_dir, name=name, limit=limit, hybrid_mode=hybrid_mode,
                                 max_rounds=max_rounds, normalize=normalize, allow_fallback=allow_fallback,
-                                xreflect=with_xreflect)
+                                xreflect=with_xreflect, min_user_interactions=min_user_interactions,
+                                min_item_interactions=min_item_interactions)
     except (UnknownComponentError, ValidationError, typer.BadParameter) as error:
         err_console.print(f"[red]error:[/red] {error}")
         raise typer.Exit(2) from None

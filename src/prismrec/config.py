@@ -53,6 +53,14 @@ class TrainingConfig(StrictModel):
     grad_clip: float | None = Field(None, gt=0)
     num_threads: int | None = Field(None, ge=1, description="torch CPU threads (None: torch default)")
     device: str = Field("cpu")
+    window: Literal["last", "sliding"] = Field("last", description="last: train on each user's most recent "
+                                               "max_len items (SASRec's recipe); sliding: cut the whole history "
+                                               "into max_len windows so every training interaction is a target")
+
+
+# Options added after runs were already recorded: at their default they are left out of the config hash, so
+# finished runs (and experiment cells) stay reusable when the option appears. Set to anything else, they count.
+HASH_NEUTRAL_DEFAULTS: dict[tuple[str, str], Any] = {("training", "window"): "last"}
 
 
 class EvaluationConfig(StrictModel):
@@ -94,7 +102,11 @@ class RunConfig(StrictModel):
 
     def config_hash(self) -> str:
         """Hash of the resolved configuration (used to recognise identical runs)."""
-        payload = json.dumps(self.to_dict(), sort_keys=True, default=str)
+        resolved = self.to_dict()
+        for (section, key), default in HASH_NEUTRAL_DEFAULTS.items():
+            if resolved.get(section, {}).get(key, None) == default:
+                del resolved[section][key]
+        payload = json.dumps(resolved, sort_keys=True, default=str)
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 

@@ -123,6 +123,22 @@ def _state_dict_copy(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
 
 
+def sliding_windows(sequences: list[np.ndarray], max_len: int) -> list[np.ndarray]:
+    """Each history cut, from its end, into windows of ``max_len + 1`` items overlapping by one item.
+
+    A model reading ``max_len`` items only ever sees the most recent ``max_len + 1`` of a history; with
+    windows every transition of the history is a training target exactly once per epoch (RecBole gets the
+    same coverage by making every prefix an instance, at ~``max_len`` times the cost).
+    """
+    rows: list[np.ndarray] = []
+    for sequence in sequences:
+        end = len(sequence)
+        while end > 1:
+            rows.append(sequence[max(0, end - max_len - 1):end])
+            end -= max_len
+    return rows
+
+
 class Trainer:
     """Trains one model from a :class:`RunConfig` and records everything in a run directory.
 
@@ -143,6 +159,7 @@ class Trainer:
         seed_everything(config.seed)
         self.split = split or prepare_split(config)
         self.model = build_model(config, self.split).to(self.device)
+        self.train_rows = self._train_rows()
         if self.dist.enabled:  # same initial weights everywhere (DDP checks), distinct dropout per rank
             torch.manual_seed(config.seed + 7919 * self.dist.rank)
         # Rank 0 first: building the sampled evaluator may write the shared negatives cache.
@@ -187,8 +204,15 @@ class Trainer:
     def _generators(self) -> dict[str, np.random.Generator]:
         return {"order": self.order_rng, "batch": self.batch_rng}
 
+    def _train_rows(self) -> list[np.ndarray]:
+        """What one epoch trains on: a sequence per user, or (``window = "sliding"``) per history window."""
+        max_len = getattr(self.model, "max_len", None)
+        if self.config.training.window == "last" or max_len is None:
+            return self.split.train_sequences
+        return sliding_windows(self.split.train_sequences, int(max_len))
+
     def _train_users(self) -> np.ndarray:
-        lengths = np.array([len(s) for s in self.split.train_sequences])
+        lengths = np.array([len(s) for s in self.train_rows])
         return np.flatnonzero(lengths >= 2)  # a sequence of one item has nothing to predict
 
     def _epoch(self, step: nn.Module, optimizer: torch.optim.Optimizer, users: np.ndarray) -> float:
@@ -196,7 +220,7 @@ class Trainer:
         world, rank = self.dist.world_size, self.dist.rank
         self.model.train()
         order = self.order_rng.permutation(users)
-        train = self.split.train_sequences
+        train = self.train_rows
         losses = []
         for start in range(0, len(order), cfg.batch_size):
             batch_users = order[start:start + cfg.batch_size]

@@ -63,7 +63,8 @@ def child_ours(args: argparse.Namespace) -> dict:
     overrides = [f"model.max_len={args.max_len}", f"model.hidden_size={args.hidden}", "model.num_heads=1",
                  "model.num_blocks=2", "training.batch_size=128", "training.lr=0.001",
                  f"training.patience={args.patience}", f"training.max_epochs={args.max_epochs}",
-                 f"training.num_threads={args.threads}", f"seed={args.seed}", f"training.loss='{args.ours_loss}'"]
+                 f"training.num_threads={args.threads}", f"seed={args.seed}", f"training.loss='{args.ours_loss}'",
+                 f"training.window='{args.ours_window}'"]
     if args.mode == "epoch":
         overrides.append("training.max_epochs=2")
     config = load_config(REPO / "configs/movielens_sasrec.toml", overrides)
@@ -213,7 +214,8 @@ def run_child(python: Path, side: str, mode: str, max_len: int, hidden: int, arg
     cmd = [str(python), str(HERE), "--child", side, "--mode", mode, "--max-len", str(max_len), "--hidden",
            str(hidden), "--threads", str(args.threads), "--patience", str(args.patience), "--max-epochs",
            str(args.max_epochs), "--seed", str(args.seed), "--budget-min", str(args.recbole_budget_min),
-           "--epoch-batches", str(args.epoch_batches), "--data-dir", str(data_dir), "--ours-loss", args.ours_loss]
+           "--epoch-batches", str(args.epoch_batches), "--data-dir", str(data_dir), "--ours-loss", args.ours_loss,
+           "--ours-window", args.ours_window]
     started = time.perf_counter()
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=str(data_dir))
     if done.returncode != 0:
@@ -244,6 +246,12 @@ def main() -> None:
     parser.add_argument("--epoch-batches", type=int, default=40, help="RecBole batches timed in 'epoch' mode")
     parser.add_argument("--ours-loss", choices=["bce", "ce"], default="bce",
                         help="our loss (bce: the paper's; ce: the loss RecBole trains with)")
+    parser.add_argument("--ours-window", choices=["last", "sliding"], default="last",
+                        help="our training.window (sliding: every transition of a long history is a target, the "
+                             "coverage RecBole gets from its prefix instances)")
+    parser.add_argument("--recbole-from-log", type=Path, default=None,
+                        help="take RecBole's side from a previous invocation's printed lines (same data, seed and "
+                             "settings) instead of training it again; said so in the results")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--from-log", type=Path, default=None,
                         help="rewrite the results from the lines a previous invocation (same --grid) printed")
@@ -265,7 +273,14 @@ def main() -> None:
         results, total, data = results_from_log(args.from_log, grid)
         write_results(args, results, total, data)
         return
-    python = recbole_python()
+    reused: dict[str, dict] = {}
+    if args.recbole_from_log is not None:
+        previous, _, _ = results_from_log(args.recbole_from_log, grid)
+        missing = [key for key in (f"{m}x{h}" for m, h, _ in grid) if "recbole" not in previous.get(key, {})]
+        if missing:
+            raise SystemExit(f"{args.recbole_from_log}: no RecBole result for {', '.join(missing)}")
+        reused = {key: entry["recbole"] for key, entry in previous.items()}
+    python = recbole_python() if not reused else Path(sys.executable)
     started = time.perf_counter()
     results: dict[str, dict] = {}
     with tempfile.TemporaryDirectory(prefix="prismrec-recbole-") as tmp:
@@ -276,10 +291,10 @@ def main() -> None:
             key = f"{max_len}x{hidden}"
             ours = run_child(Path(sys.executable), "ours", mode, max_len, hidden, args, data_dir)
             print(f"{key} ours: {json.dumps(ours)}", flush=True)
-            theirs = run_child(python, "recbole", mode, max_len, hidden, args, data_dir)
+            theirs = reused.get(key) or run_child(python, "recbole", mode, max_len, hidden, args, data_dir)
             print(f"{key} recbole: {json.dumps(theirs)}", flush=True)
             results[key] = {"mode": mode, "ours": ours, "recbole": theirs}
-    total = time.perf_counter() - started
+    total = time.perf_counter() - started + sum(side.get("process_seconds", 0.0) for side in reused.values())
     write_results(args, results, total, (n_users, n_items, rows))
 
 
@@ -345,8 +360,16 @@ def write_results(args: argparse.Namespace, results: dict[str, dict], total: flo
             continue
         argv.append(arg)
     command = " ".join(["OMP_WAIT_POLICY=PASSIVE", ".venv/bin/python", "benchmarks/vs_recbole.py", *argv])
-    rewritten = ([f"Tables rewritten from that run's printed lines (`{args.from_log.name}` beside this file) with "
-                  "`--from-log`; total wall time = sum of the measuring processes.", ""] if args.from_log else [])
+    if args.recbole_from_log is not None:
+        rewritten_recbole = [f"RecBole's rows are those of an earlier invocation (`--recbole-from-log "
+                             f"{args.recbole_from_log.name}`: same data, seed, settings and machine); only our "
+                             "side was trained again. Total wall time below is ours plus RecBole's recorded "
+                             "process time.", ""]
+    else:
+        rewritten_recbole = []
+    rewritten = rewritten_recbole + ([f"Tables rewritten from that run's printed lines (`{args.from_log.name}` "
+                                      "beside this file) with `--from-log`; total wall time = sum of the measuring "
+                                      "processes.", ""] if args.from_log else [])
     lines = ["# prismrec SASRec vs RecBole 1.2.1 SASRec on MovieLens (ml-latest-small)", "",
              f"Command: `{command}`", "", *rewritten,
              f"Machine: {platform.platform()}, {os.cpu_count()} CPUs shared with other work; both sides use "

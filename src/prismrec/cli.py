@@ -11,6 +11,7 @@ app.add_typer(data_app, name="data")
 # --- sub-command registration (each stage's package owns its commands) -----------------------------
 from prismrec import cli_data as _cli_data  # noqa: E402,F401  (data commands)
 from prismrec import cli_experiments as _cli_experiments  # noqa: E402,F401  (reproduce)
+from prismrec import cli_mllm_msr as _cli_mllm_msr  # noqa: E402,F401  (mllm-msr train/evaluate)
 from prismrec import cli_report as _cli_report  # noqa: E402,F401  (compare)
 from prismrec import cli_semantics as _cli_semantics  # noqa: E402,F401  (derive, semantics status/show)
 from prismrec import cli_serving as _cli_serving  # noqa: E402,F401  (export, serve, recommend)

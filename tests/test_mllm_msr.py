@@ -23,6 +23,7 @@ from prismrec.models.llm_common import (
     LoRAOptions,
     add_lora,
     load_causal_lm,
+    load_image_processor,
     load_lora_adapter,
     save_lora_adapter,
 )
@@ -36,6 +37,7 @@ from prismrec.models.mllm_msr import (
     MLLMMSROptions,
     MLLMMSRTrainingOptions,
     PromptSample,
+    RecommenderPrompt,
     SummaryOptions,
     UserSummariser,
     build_summariser,
@@ -157,7 +159,7 @@ def test_scores_are_probabilities_and_batching_does_not_change_them(split: Leave
     # prompts of different lengths, so batches are left-padded
     prompts = [recommender.prompt("The user appears to have a preference for " + "drama " * (k % 4),
                                   sequence[:3 + k % 5], candidate) for k, candidate in enumerate(range(1, 21))]
-    assert len({len(p) for p in prompts}) > 3
+    assert len({len(p.text) for p in prompts}) > 3 and not recommender.uses_images
     batched = recommender.score_prompts(prompts, batch_size=7)
     one_by_one = torch.cat([recommender.score_prompts([p], batch_size=1) for p in prompts])
     assert batched.shape == (20,) and torch.all((batched > 0) & (batched < 1))
@@ -272,7 +274,8 @@ def test_config_errors_name_the_key(tmp_path: Path) -> None:
 
 
 def test_a_qwen2_5_vl_folder_is_a_recommender_llm(split: LeaveOneOutSplit, tmp_path: Path) -> None:
-    """A local Qwen2.5-VL folder loads through the same code (text prompts); LoRA leaves its vision tower alone."""
+    """A local Qwen2.5-VL folder loads through the same code (here with text prompts only: candidate_image off);
+    LoRA leaves its vision tower alone."""
     from semantics_helpers import make_tiny_qwen2_5_vl
 
     folder = tmp_path / "qwen"
@@ -280,7 +283,9 @@ def test_a_qwen2_5_vl_folder_is_a_recommender_llm(split: LeaveOneOutSplit, tmp_p
     make_tiny_qwen2_5_vl(folder)
     model, tokenizer = load_causal_lm(CausalLMOptions(model=str(folder)))
     assert type(model).__name__ == "Qwen2_5_VLForConditionalGeneration"
-    recommender = MLLMMSR(MLLMMSROptions(), add_lora(model, LoRAOptions()), tokenizer,
+    with pytest.raises(ValueError, match="needs its image processor"):
+        MLLMMSR(MLLMMSROptions(), model, tokenizer, ItemTexts(split.dataset, ItemTextOptions()))
+    recommender = MLLMMSR(MLLMMSROptions(candidate_image=False), add_lora(model, LoRAOptions()), tokenizer,
                           ItemTexts(split.dataset, ItemTextOptions()))
     assert not [n for n, p in recommender.model.named_parameters() if p.requires_grad and "visual" in n]
     prompts = [recommender.prompt(f"{SUMMARY_PREFIX} comedies.", [1, 2, 3][:k], 4 + k) for k in range(3)]
@@ -288,3 +293,191 @@ def test_a_qwen2_5_vl_folder_is_a_recommender_llm(split: LeaveOneOutSplit, tmp_p
     torch.testing.assert_close(batched, torch.cat([recommender.score_prompts([p]) for p in prompts]),
                                atol=1e-5, rtol=1e-4)
     assert torch.all((batched > 0) & (batched < 1))
+
+
+# --- candidate images in the prompt of a multimodal (Qwen2.5-VL) recommender -------------------------------
+@pytest.fixture(scope="module")
+def qwen_and_posters(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A tiny random Qwen2.5-VL folder and a 12-movie MovieLens folder (10 posters, 2 movies without)."""
+    from semantics_helpers import make_tiny_movielens, make_tiny_qwen2_5_vl
+
+    root = tmp_path_factory.mktemp("qwen-posters")
+    (root / "qwen").mkdir()
+    make_tiny_qwen2_5_vl(root / "qwen")
+    make_tiny_movielens(root / "data")
+    return root / "qwen", root / "data"
+
+
+def _vl_recommender(folder: Path, dataset, candidate_image: bool = True, lora: LoRAOptions | None = None,
+                    seed: int = 0) -> MLLMMSR:
+    """Like MLLMMSR.create, on an already loaded dataset; the LoRA weights are seeded."""
+    options = MLLMMSROptions(llm=CausalLMOptions(model=str(folder)), candidate_image=candidate_image,
+                             recent_items=2, lora=lora or LoRAOptions())
+    model, tokenizer = load_causal_lm(options.llm)
+    torch.manual_seed(seed)
+    return MLLMMSR(options, add_lora(model, options.lora), tokenizer, ItemTexts(dataset, ItemTextOptions()),
+                   load_image_processor(folder, options.image_max_side ** 2))
+
+
+def _poster_dataset(data_dir: Path):
+    return load_sequences("movielens-small", data_dir, min_user_interactions=1, min_item_interactions=1)
+
+
+def test_candidate_images_reach_a_qwen2_5_vl_recommender_and_batching_keeps_scores(
+        qwen_and_posters: tuple[Path, Path]) -> None:
+    folder, data_dir = qwen_and_posters
+    dataset = _poster_dataset(data_dir)
+    options = MLLMMSROptions(llm=CausalLMOptions(model=str(folder)))
+    recommender = MLLMMSR.create(options, ItemTexts(dataset, ItemTextOptions()), seed=0)
+    assert recommender.uses_images and recommender.image_processor is not None
+    summary = f"{SUMMARY_PREFIX} comedies."
+    candidates = list(range(1, dataset.n_items + 1))
+    prompts = [recommender.prompt(summary, [1, 2, 3][:1 + k % 3], c) for k, c in enumerate(candidates)]
+    with_poster = [c for c in candidates if dataset.image_path(c) is not None]
+    assert len(with_poster) == 10
+    assert [p.image_item for p in prompts] == [c if c in with_poster else None for c in candidates]
+    assert recommender.image_report()["missing"] == {str(dataset.item_ids[c]): "no image" for c in candidates
+                                                     if c not in with_poster}
+    assert prompts[0].text.count("<|image_pad|>") == 1 and "<|image_pad|>" not in prompts[0].text_only
+
+    # the image is shrunk to image_max_side (224) and expanded to one token per merged patch
+    inputs = recommender._encode([prompts[0]])
+    grid = inputs["image_grid_thw"][0]
+    assert max(int(grid[1]), int(grid[2])) * 14 <= 224
+    assert int((inputs["input_ids"] == recommender.image_token_id).sum()) == int(grid.prod()) // 4
+    assert recommender.prompt_tokens(prompts) == [int(recommender._encode([p])["attention_mask"].sum())
+                                                  for p in prompts]
+
+    # batches mix image and text-only prompts of different lengths; batched == one by one
+    batched = recommender.score_prompts(prompts, batch_size=5)
+    one_by_one = torch.cat([recommender.score_prompts([p], batch_size=1) for p in prompts])
+    torch.testing.assert_close(batched, one_by_one, atol=1e-5, rtol=1e-4)
+    assert torch.all((batched > 0) & (batched < 1))
+
+    # same weights, candidate_image off: the candidates with a poster score differently, the others the same
+    text_only = MLLMMSR(options.model_copy(update={"candidate_image": False}), recommender.model,
+                        recommender.tokenizer, recommender.items)
+    assert not text_only.uses_images
+    plain = [text_only.prompt(summary, [1, 2, 3][:1 + k % 3], c) for k, c in enumerate(candidates)]
+    assert [p.text for p in plain] == [p.text_only or p.text for p in prompts]
+    without = text_only.score_prompts(plain, batch_size=5)
+    rows = torch.tensor([c in with_poster for c in candidates])
+    assert (batched[rows] - without[rows]).abs().min() > 1e-5, (batched, without)
+    torch.testing.assert_close(batched[~rows], without[~rows])
+    # the pixels matter: the same text with another item's image scores differently
+    swapped = RecommenderPrompt(prompts[0].text, image_item=prompts[1].image_item, text_only=prompts[0].text_only)
+    assert abs(float(recommender.score_prompts([swapped])[0]) - float(batched[0])) > 1e-5  # about 8e-4
+
+    # a text-only LLM ignores the switch; the switch is part of the run's configuration
+    assert not _recommender(_split_of(dataset)).uses_images
+    config = load_mllm_msr_config(None, ["model.candidate_image=false", "model.image_max_side=112"])
+    assert config.model.candidate_image is False and config.model.model_dump()["image_max_side"] == 112
+
+
+def _split_of(dataset) -> LeaveOneOutSplit:
+    return LeaveOneOutSplit(dataset)
+
+
+def test_lora_training_with_candidate_images_leaves_the_vision_tower_untouched(
+        qwen_and_posters: tuple[Path, Path]) -> None:
+    folder, data_dir = qwen_and_posters
+    dataset = _poster_dataset(data_dir)
+    recommender = _vl_recommender(folder, dataset, lora=LoRAOptions(dropout=0.0))
+    base = recommender.model.get_base_model()
+    vision = {name: p.detach().clone() for name, p in base.model.visual.named_parameters()}
+    lora = {name: p.detach().clone() for name, p in recommender.model.named_parameters() if p.requires_grad}
+    assert lora and not [n for n in lora if "visual" in n]
+    vision_calls: list[int] = []
+    hook = base.model.visual.register_forward_hook(lambda *_: vision_calls.append(1))
+    summary = f"{SUMMARY_PREFIX} adventure films."
+    samples = [PromptSample(recommender.prompt(summary, [1, 2], c), c % 2 == 0) for c in range(3, 11)]
+    assert all(s.prompt.image_item is not None for s in samples)
+    before = recommender.score_prompts([s.prompt for s in samples])
+    try:
+        timings = recommender.fit(samples, MLLMMSRTrainingOptions(lr=1e-2, epochs=2, batch_size=4), seed=0)
+    finally:
+        hook.remove()
+    assert timings["train_samples"] == 16 and np.isfinite(timings["train_loss"])
+    # the vision tower ran on the scoring batch and on every training batch (2 epochs x 2 batches)
+    assert len(vision_calls) == 5
+    for name, p in base.model.visual.named_parameters():
+        assert not p.requires_grad and torch.equal(p, vision[name]), name
+    moved = [name for name, p in recommender.model.named_parameters() if p.requires_grad
+             and not torch.equal(p.detach(), lora[name])]
+    assert moved and all("lora_" in name for name in moved)
+    after = recommender.score_prompts([s.prompt for s in samples])
+    assert not torch.allclose(before, after)
+
+
+def test_a_missing_or_broken_poster_falls_back_to_text_with_a_warning(
+        qwen_and_posters: tuple[Path, Path], tmp_path: Path) -> None:
+    import shutil
+    import warnings
+
+    folder, data_dir = qwen_and_posters
+    shutil.copytree(data_dir, tmp_path / "data")
+    dataset = _poster_dataset(tmp_path / "data")
+    gone, broken, later = [c for c in range(1, dataset.n_items + 1) if dataset.image_path(c) is not None][:3]
+    dataset.image_path(gone).unlink()
+    dataset.image_path(broken).write_bytes(b"not a jpeg")
+    recommender = _vl_recommender(folder, dataset)
+    text_only = MLLMMSR(recommender.options.model_copy(update={"candidate_image": False}), recommender.model,
+                        recommender.tokenizer, recommender.items)
+    summary = f"{SUMMARY_PREFIX} comedies."
+    for item in (gone, broken):
+        name = dataset.image_path(item).name
+        with pytest.warns(UserWarning, match=rf"item {dataset.item_ids[item]} \(id {item}\): cannot read its "
+                          rf"image .*{name}"):
+            prompt = recommender.prompt(summary, [1], item)
+        assert prompt.image_item is None and prompt.text == text_only.prompt(summary, [1], item).text
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # one warning per file, not per prompt
+            recommender.prompt(summary, [2], item)
+    report = recommender.image_report()
+    assert set(report["missing"]) == {str(dataset.item_ids[gone]), str(dataset.item_ids[broken])}
+    assert all(reason.startswith("unreadable") for reason in report["missing"].values())
+
+    # a poster that disappears after its prompt was built: another recommender scoring it falls back to text
+    prompt = recommender.prompt(summary, [1], later)
+    assert prompt.image_item == later
+    dataset.image_path(later).unlink()
+    fresh = _vl_recommender(folder, dataset)
+    with pytest.warns(UserWarning, match="cannot read its image"):
+        scores = fresh.score_prompts([prompt, recommender.prompt(summary, [1], gone)], batch_size=2)
+    expected = text_only.score_prompts([prompt.text_only, text_only.prompt(summary, [1], gone)], batch_size=2)
+    torch.testing.assert_close(scores, expected)
+
+
+def test_a_multimodal_run_attaches_candidate_images_and_records_them(qwen_and_posters: tuple[Path, Path],
+                                                                     tmp_path: Path) -> None:
+    """run_mllm_msr end to end with a Qwen2.5-VL recommender: config.toml and final.json record the images."""
+    import shutil
+
+    from prismrec.models.mllm_msr import MLLMMSRConfig, run_mllm_msr
+    from semantics_helpers import MOVIES
+
+    folder, data_dir = qwen_and_posters
+    shutil.copytree(data_dir, tmp_path / "data")
+    # 4 users x 7 of the 12 movies, so every user has never-seen movies left for sampled negatives
+    ratings = ["userId,movieId,rating,timestamp"] + [
+        f"{user},{MOVIES[(user * 3 + step) % len(MOVIES)][0]},4.0,{1000 * user + step}"
+        for user in range(1, 5) for step in range(7)]
+    (tmp_path / "data" / "movielens-small" / "ratings.csv").write_text("\n".join(ratings) + "\n")
+    with FakeOpenAIServer() as server:
+        config = MLLMMSRConfig.model_validate({
+            "name": "tiny-vl", "data": {"data_dir": str(tmp_path / "data")},
+            "model": {"llm": {"model": str(folder)}, "recent_items": 2,
+                      "summaries": {"backend": "openai", "backend_options": _openai_options(server),
+                                    "cache": str(tmp_path / "cache.sqlite")}},
+            "training": {"lr": 1e-3, "epochs": 1, "batch_size": 4, "negatives_per_positive": 2},
+            "evaluation": {"num_negatives": 4, "full_ranking": False}})
+        (tmp_path / "run").mkdir()
+        run_dir, result = run_mllm_msr(config, run_dir=tmp_path / "run", quiet=True)
+    images = result["candidate_images"]
+    # 4 x (1 + 2) training prompts and 4 users x 5 candidates x 2 stages
+    assert images["enabled"] and images["prompts_with_image"] + images["prompts_text_only"] == 12 + 40
+    assert images["prompts_with_image"] > images["prompts_text_only"] > 0
+    assert set(images["missing"]) <= {"12", "13"} and set(images["missing"].values()) == {"no image"}
+    assert "candidate_image = true" in (run_dir / "config.toml").read_text()
+    assert json.loads((run_dir / "final.json").read_text())["candidate_images"] == images
+    assert set(result["metrics"]) == {"valid/sampled", "test/sampled"}

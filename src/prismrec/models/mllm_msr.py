@@ -19,7 +19,8 @@ we follow the public description of its code and record the choice):
    per user), so the validation and test windows extend the training window: their summaries reuse every
    cached block and add one call for the last block.
 3. **Recommender** (paper Figure 3, SFT with LoRA). Prompt = user summary + the ``recent_items`` last items
-   + the candidate's summary + "Will the user interact with the candidate item? Answer yes or no.".
+   + the candidate's summary (and its image, for a multimodal LLM: see below) + "Will the user interact with
+   the candidate item? Answer yes or no.".
    Fine-tuned with LoRA (peft; r=16, alpha=32, dropout 0.1, lr 2e-5 by default) on the training split:
    per user the last ``positives_per_user`` training items are positives ("yes"), each with
    ``negatives_per_positive`` sampled items the user never interacted with ("no"); the loss is the
@@ -30,9 +31,17 @@ we follow the public description of its code and record the choice):
    negatives per user as DMESR, or ``num_negatives = 20`` (MLLM-MSR's own protocol). Full ranking is out
    of reach (one LLM forward per candidate) and refused.
 
-Text-only recommender prompts: a candidate's image reaches the recommender as its summary (step 1); a
-Qwen2.5-VL folder loads as the recommender's LLM (:func:`~prismrec.models.llm_common.load_causal_lm`) but
-images are not attached to its prompts.
+Candidate images: when the recommender's LLM is multimodal (a Qwen2.5-VL folder, loaded by
+:func:`~prismrec.models.llm_common.load_causal_lm`) and ``candidate_image`` is on (default), the candidate's
+image (``SequenceDataset.image_path``) is attached to its prompt, right after "Candidate item:" and before
+its text (template ``mllm-msr-recommend-image``), for LoRA training and for scoring alike, batched: the
+images of a batch go through the PIL image processor together and each placeholder is expanded to its
+image tokens (:func:`~prismrec.models.llm_common.image_text_inputs`, no torchvision). Images are shrunk to
+``image_max_side`` pixels (224) on their longer side first (vision tokens are the cost on CPU) and kept in
+a small in-memory LRU. A candidate without an image, or whose file cannot be read (a warning names the item
+and the file, once), gets the text-only prompt; :class:`CandidateImages` records which and why, and the
+run's ``final.json`` reports it. LoRA adapts the language model only: the vision tower stays frozen. A
+text-only LLM ignores ``candidate_image`` (its image reaches it as the summary of step 1).
 
 Reusable pieces for benchmarks (``benchmarks/mllm_msr.py``, ``benchmarks/speeder_vs_mllm_msr.py``):
 :func:`train_and_score` (train on some users, score given candidates, return scores and timings).
@@ -45,6 +54,8 @@ import platform
 import random
 import sys
 import time
+import warnings
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,6 +63,7 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
+from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -77,9 +89,15 @@ from prismrec.models.llm_common import (
     add_lora,
     answer_token_ids,
     chat_prompt,
+    image_text_inputs,
+    image_token_count,
+    is_image_text_to_text_model,
     last_token_logits,
     load_causal_lm,
+    load_image_processor,
     load_lora_adapter,
+    open_rgb_image,
+    resolve_model_source,
     save_lora_adapter,
     yes_probability,
 )
@@ -137,6 +155,20 @@ RECOMMEND = register_template(PromptTemplate(
     description="MLLM-MSR recommender prompt (paper Figure 3); the answer is 'yes' or 'no'",
 ))
 
+# {image} marks where the candidate's image goes (an image part of the chat message).
+RECOMMEND_WITH_IMAGE = register_template(PromptTemplate(
+    name="mllm-msr-recommend-image",
+    version=1,
+    modality="text+image",
+    text=(
+        "{summary}\nRecently the user interacted with these items, in this order: {recent}.\n"
+        "Candidate item: {image}\n{candidate}\n"
+        "Will the user interact with the candidate item? Answer yes or no."
+    ),
+    description="MLLM-MSR recommender prompt with the candidate's image (multimodal LLMs); answer 'yes' or 'no'",
+))
+IMAGE_MARKER = "\x00candidate-image\x00"
+
 
 # --- options --------------------------------------------------------------------------------------------
 class ItemTextOptions(BaseModel):
@@ -174,6 +206,10 @@ class MLLMMSROptions(BaseModel):
     llm: CausalLMOptions = Field(default_factory=CausalLMOptions)
     lora: LoRAOptions = Field(default_factory=LoRAOptions)
     recent_items: int = Field(5, ge=0, description="last items of the history written into the prompt (titles)")
+    candidate_image: bool = Field(True, description="multimodal LLMs (Qwen2.5-VL) only: attach the candidate's "
+                                  "image to the recommender prompt; text-only LLMs ignore it")
+    image_max_side: int = Field(224, ge=28, description="candidate images are shrunk to this many pixels on "
+                                "their longer side (vision tokens are the cost on CPU)")
     items: ItemTextOptions = Field(default_factory=ItemTextOptions)
     summaries: SummaryOptions = Field(default_factory=SummaryOptions)
 
@@ -414,60 +450,180 @@ def build_summariser(options: SummaryOptions, cache: SemanticCache, items: ItemT
 
 # --- step 3: the recommender ----------------------------------------------------------------------------
 @dataclass(frozen=True)
-class PromptSample:
-    """One recommender prompt (already through the chat template) and, for training, its answer."""
+class RecommenderPrompt:
+    """A recommender prompt through the chat template, with the candidate's image where one is attached.
 
-    prompt: str
+    ``text`` holds one image placeholder when ``image_item`` is set (the item whose image it takes);
+    ``text_only`` is the same prompt without the image, used if that image cannot be read at encoding time.
+    """
+
+    text: str
+    image_item: int | None = None
+    text_only: str | None = None
+
+
+def prompt_text(prompt: RecommenderPrompt | str) -> str:
+    return prompt if isinstance(prompt, str) else prompt.text
+
+
+@dataclass(frozen=True)
+class PromptSample:
+    """One recommender prompt and, for training, its answer."""
+
+    prompt: RecommenderPrompt | str
     label: bool | None = None
 
 
-class MLLMMSR:
-    """The LoRA-tuned LLM that answers yes/no for (user summary, recent items, candidate)."""
+class CandidateImages:
+    """Candidate images for a multimodal recommender: opened, shrunk to ``max_side`` and kept in an LRU.
 
-    def __init__(self, options: MLLMMSROptions, model: Any, tokenizer: Any, items: ItemTexts) -> None:
+    An item without an image, or whose file cannot be read, has none: ``missing`` records why (one warning
+    per unreadable file, naming the item and the file), and its prompts fall back to text.
+    """
+
+    def __init__(self, dataset: SequenceDataset, max_side: int, capacity: int = 512) -> None:
+        self.dataset = dataset
+        self.max_side = max_side
+        self.capacity = capacity
+        self.missing: dict[int, str] = {}
+        self._images: OrderedDict[int, Any] = OrderedDict()
+
+    def get(self, item: int) -> Any | None:
+        """The item's image (PIL, RGB, shrunk), or None (no image, or unreadable: recorded in ``missing``)."""
+        if item in self._images:
+            self._images.move_to_end(item)
+            return self._images[item]
+        if item in self.missing:
+            return None
+        path = self.dataset.image_path(item)
+        if path is None:
+            self.missing[item] = "no image"
+            return None
+        try:
+            image = open_rgb_image(path, self.max_side)
+        except (OSError, ValueError, Image.DecompressionBombError) as error:  # missing, truncated, not an image
+            self.missing[item] = f"unreadable {path}: {error}"
+            warnings.warn(f"item {self.dataset.item_ids[item]} (id {item}): cannot read its image {path} "
+                          f"({error}); its prompts use the text only", stacklevel=2)
+            return None
+        self._images[item] = image
+        if len(self._images) > self.capacity:
+            self._images.popitem(last=False)
+        return image
+
+    def report(self) -> dict[str, Any]:
+        """What final.json records: items without an image (external id -> reason)."""
+        return {"items_without_image": len(self.missing),
+                "missing": {str(self.dataset.item_ids[i]): reason for i, reason in sorted(self.missing.items())}}
+
+
+class MLLMMSR:
+    """The LoRA-tuned LLM that answers yes/no for (user summary, recent items, candidate).
+
+    With a multimodal LLM (Qwen2.5-VL) and ``options.candidate_image``, prompts carry the candidate's image;
+    ``image_processor`` is then required (:meth:`create` loads it from the model folder).
+    """
+
+    def __init__(self, options: MLLMMSROptions, model: Any, tokenizer: Any, items: ItemTexts,
+                 image_processor: Any | None = None) -> None:
         self.options = options
         self.model = model
         self.tokenizer = tokenizer
         self.items = items
         self.yes_id, self.no_id = answer_token_ids(tokenizer)
         self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
+        self.uses_images = options.candidate_image and is_image_text_to_text_model(model)
+        self.image_processor = image_processor
+        self.images: CandidateImages | None = None
+        if self.uses_images:
+            if image_processor is None:
+                raise ValueError("a multimodal LLM with candidate_image = true needs its image processor "
+                                 "(MLLMMSR.create loads it); or set candidate_image = false")
+            self.images = CandidateImages(items.dataset, options.image_max_side)
+            self.image_token_id = int(model.config.image_token_id)
+        self.prompts_with_image = 0
+        self.prompts_text_only = 0
 
     @classmethod
     def create(cls, options: MLLMMSROptions, items: ItemTexts, seed: int = 42,
                adapter: Path | None = None) -> MLLMMSR:
         """Load the base LLM and add fresh LoRA adapters (seeded), or the adapter saved in ``adapter``."""
         model, tokenizer = load_causal_lm(options.llm)
+        image_processor = None
+        if options.candidate_image and is_image_text_to_text_model(model):
+            image_processor = load_image_processor(resolve_model_source(options.llm.model),
+                                                   options.image_max_side ** 2)
         if adapter is not None:
-            return cls(options, load_lora_adapter(model, adapter), tokenizer, items)
+            return cls(options, load_lora_adapter(model, adapter), tokenizer, items, image_processor)
         torch.manual_seed(seed)
-        return cls(options, add_lora(model, options.lora), tokenizer, items)
+        return cls(options, add_lora(model, options.lora), tokenizer, items, image_processor)
 
-    def prompt(self, summary: str, window: Sequence[int], candidate: int) -> str:
+    def prompt(self, summary: str, window: Sequence[int], candidate: int) -> RecommenderPrompt:
         recent = [self.items.title(int(i)) for i in window[len(window) - self.options.recent_items:]] \
             if self.options.recent_items else []
-        text = RECOMMEND.render(summary=summary, recent="; ".join(recent) if recent else "none",
-                                candidate=self.items.text(int(candidate)))
-        return chat_prompt(self.tokenizer, text)
+        fields = {"summary": summary, "recent": "; ".join(recent) if recent else "none",
+                  "candidate": self.items.text(int(candidate))}
+        text_only = chat_prompt(self.tokenizer, RECOMMEND.render(**fields))
+        if self.images is None or self.images.get(int(candidate)) is None:
+            self.prompts_text_only += 1
+            return RecommenderPrompt(text_only)
+        self.prompts_with_image += 1
+        text = chat_prompt(self.tokenizer, RECOMMEND_WITH_IMAGE.render(image=IMAGE_MARKER, **fields),
+                           image_marker=IMAGE_MARKER)
+        return RecommenderPrompt(text, int(candidate), text_only)
 
-    def _encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        encoded = self.tokenizer(prompts, padding=True, return_tensors="pt", add_special_tokens=False)
-        return encoded["input_ids"].to(self.device), encoded["attention_mask"].to(self.device)
+    def _encode(self, prompts: Sequence[RecommenderPrompt | str]) -> dict[str, torch.Tensor]:
+        """``input_ids`` and ``attention_mask`` (left-padded), plus the image inputs where prompts have images."""
+        texts: list[str] = []
+        images: list[Any] = []
+        for prompt in prompts:
+            if isinstance(prompt, str) or prompt.image_item is None:
+                texts.append(prompt_text(prompt))
+                continue
+            image = self.images.get(prompt.image_item) if self.images is not None else None
+            if image is not None:
+                texts.append(prompt.text)
+                images.append(image)
+            elif prompt.text_only is not None:  # the image became unreadable (warned): fall back to text
+                texts.append(prompt.text_only)
+            else:
+                raise ValueError(f"item {prompt.image_item}: its image cannot be attached and the prompt has no "
+                                 "text-only version")
+        if images:
+            inputs = image_text_inputs(self.tokenizer, self.image_processor, self.image_token_id, texts, images,
+                                       add_special_tokens=False)
+            inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
+        else:
+            inputs = dict(self.tokenizer(texts, padding=True, return_tensors="pt", add_special_tokens=False))
+        return {name: value.to(self.device) for name, value in inputs.items()}
 
-    def prompt_tokens(self, prompts: list[str]) -> list[int]:
-        return [len(ids) for ids in self.tokenizer(prompts, add_special_tokens=False)["input_ids"]]
+    def _logits(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        extra = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
+        return last_token_logits(self.model, inputs["input_ids"], inputs["attention_mask"], **extra)
+
+    def prompt_tokens(self, prompts: Sequence[RecommenderPrompt | str]) -> list[int]:
+        """Tokens per prompt as the model sees it (an attached image counts its image tokens)."""
+        counts = [len(ids) for ids in self.tokenizer([prompt_text(p) for p in prompts],
+                                                     add_special_tokens=False)["input_ids"]]
+        for row, prompt in enumerate(prompts):
+            if isinstance(prompt, RecommenderPrompt) and prompt.image_item is not None and self.images is not None:
+                image = self.images.get(prompt.image_item)
+                if image is not None:
+                    counts[row] += image_token_count(self.image_processor, image) - 1
+        return counts
 
     @torch.inference_mode()
-    def score_prompts(self, prompts: list[str], batch_size: int = 16,
+    def score_prompts(self, prompts: Sequence[RecommenderPrompt | str], batch_size: int = 16,
                       on_batch: Callable[[int], None] | None = None) -> torch.Tensor:
         """p(yes) / (p(yes) + p(no)) per prompt (float32, CPU), ``batch_size`` prompts per forward pass."""
         self.model.eval()
         scores: list[torch.Tensor] = []
         # Similar lengths together: less padding per batch (the order is restored below).
-        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+        order = sorted(range(len(prompts)), key=lambda i: len(prompt_text(prompts[i])))
         for start in range(0, len(order), batch_size):
             rows = order[start:start + batch_size]
-            input_ids, attention_mask = self._encode([prompts[i] for i in rows])
-            logits = last_token_logits(self.model, input_ids, attention_mask)
+            logits = self._logits(self._encode([prompts[i] for i in rows]))
             scores.append(yes_probability(logits, self.yes_id, self.no_id).float().cpu())
             if on_batch is not None:
                 on_batch(len(rows))
@@ -489,11 +645,11 @@ class MLLMMSR:
             rng.shuffle(order)
             for start in range(0, len(order), options.batch_size):
                 batch = [samples[i] for i in order[start:start + options.batch_size]]
-                input_ids, attention_mask = self._encode([s.prompt for s in batch])
+                inputs = self._encode([s.prompt for s in batch])
                 target = torch.tensor([self.yes_id if s.label else self.no_id for s in batch], device=self.device)
                 # The answer token is the one right after the prompt: its logits are the prompt's last
                 # position, so only that position is projected onto the vocabulary (prompt tokens masked).
-                logits = last_token_logits(self.model, input_ids, attention_mask)
+                logits = self._logits(inputs)
                 loss = torch.nn.functional.cross_entropy(logits.float(), target)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -512,6 +668,14 @@ class MLLMMSR:
 
     def save_adapter(self, folder: Path) -> None:
         save_lora_adapter(self.model, folder, self.options.lora)
+
+    def image_report(self) -> dict[str, Any]:
+        """Whether candidate images were attached, how many prompts had one, and the items without one."""
+        report: dict[str, Any] = {"enabled": self.uses_images, "prompts_with_image": self.prompts_with_image,
+                                  "prompts_text_only": self.prompts_text_only}
+        if self.images is not None:
+            report.update(self.images.report())
+        return report
 
 
 # --- training data and evaluation glue ------------------------------------------------------------------
@@ -656,6 +820,8 @@ def train_and_score(split: LeaveOneOutSplit, train_users: np.ndarray, eval_users
     timings["prompt_tokens_per_candidate"] = scorer.prompt_tokens / max(1, scorer.candidates_scored)
     timings["train_prompt_tokens_per_sample"] = (sum(model.prompt_tokens([s.prompt for s in samples]))
                                                  / max(1, len(samples)))
+    timings["prompts_with_image"] = float(model.prompts_with_image)
+    timings["prompts_text_only"] = float(model.prompts_text_only)
     ranks = rank_of_positive(scores)
     metrics = {k: float(v.mean()) for k, v in metrics_from_ranks(ranks, sorted(set(ks))).items()}
     return model, TrainScoreResult(np.asarray(eval_users), scores, metrics, timings)
@@ -724,7 +890,8 @@ def run_mllm_msr(config: MLLMMSRConfig, run_dir: Path | None = None, console: Co
 
     The run directory holds ``config.toml`` (resolved), ``meta.json`` (seed, negative seed, config hash,
     data fingerprint, package versions, command, users), ``adapter/`` (LoRA weights, safetensors) and
-    ``final.json`` (sampled metrics for validation and test, timings).
+    ``final.json`` (sampled metrics for validation and test, timings, ``candidate_images``: whether images were
+    attached, how many prompts had one, the items without one and why).
     """
     if config.training.num_threads is not None:
         torch.set_num_threads(config.training.num_threads)
@@ -758,7 +925,7 @@ def run_mllm_msr(config: MLLMMSRConfig, run_dir: Path | None = None, console: Co
     timings["total_seconds"] = time.perf_counter() - started
     result = {"metrics": final, "timings": timings, "train_samples": len(samples),
               "users": {"train": len(train_users), "eval": len(eval_users)},
-              "num_negatives": config.evaluation.num_negatives}
+              "num_negatives": config.evaluation.num_negatives, "candidate_images": model.image_report()}
     write_json(run_dir / "final.json", result)
     return run_dir, result
 

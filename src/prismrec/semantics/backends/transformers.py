@@ -7,7 +7,8 @@ Requests are generated in batches (left padding) on CPU or CUDA.
 Inputs are built with ``AutoProcessor`` where it loads. The stock Qwen2.5-VL processor needs torchvision
 (for its fast image processor); where torchvision does not import, the inputs are built from the
 tokenizer's chat template and the PIL image processor directly, expanding each image placeholder to
-``grid_t * grid_h * grid_w / merge_size**2`` image tokens exactly as the processor would.
+``grid_t * grid_h * grid_w / merge_size**2`` image tokens exactly as the processor would
+(:func:`prismrec.models.llm_common.image_text_inputs`, shared with MLLM-MSR's multimodal recommender).
 
 Example (weights downloaded beforehand, e.g. ``huggingface-cli download Qwen/Qwen2.5-VL-3B-Instruct``)::
 
@@ -24,9 +25,9 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import torch
-from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
+from prismrec.models.llm_common import image_text_inputs, load_image_processor, open_rgb_image
 from prismrec.semantics.backends.base import BACKENDS, Backend, ImageInput
 from prismrec.semantics.cache import SemanticCache
 from prismrec.semantics.types import ChatMessage, Generation, GenerationRequest, GenerationResult
@@ -103,7 +104,7 @@ class TransformersBackend(Backend):
     def _load(self) -> tuple[Any, Any, Any, Any]:
         """(model, tokenizer, image processor, processor or None)."""
         if self._loaded is None:
-            from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
+            from transformers import AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
             from transformers.utils import logging as transformers_logging
 
             transformers_logging.disable_progress_bar()
@@ -117,7 +118,7 @@ class TransformersBackend(Backend):
             except Exception:
                 processor = None
                 tokenizer = AutoTokenizer.from_pretrained(self.path)
-                image_processor = AutoImageProcessor.from_pretrained(self.path, backend="pil", size=size)
+                image_processor = load_image_processor(self.path, self.options.max_pixels)
             tokenizer.padding_side = "left"
             model = AutoModelForImageTextToText.from_pretrained(self.path, dtype=self.dtype).to(self.device).eval()
             self._loaded = (model, tokenizer, image_processor, processor)
@@ -128,29 +129,10 @@ class TransformersBackend(Backend):
         conversations = [to_hf_messages(r.messages) for r in requests]
         texts = [tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
                  for messages, _ in conversations]
-        images = [Image.open(path).convert("RGB") for _, paths in conversations for path in paths]
+        images = [open_rgb_image(path) for _, paths in conversations for path in paths]
         if processor is not None:
             return dict(processor(text=texts, images=images or None, padding=True, return_tensors="pt"))
-        inputs: dict[str, torch.Tensor] = {}
-        if images:
-            vision = image_processor(images=images, return_tensors="pt")
-            inputs["pixel_values"] = vision["pixel_values"]
-            inputs["image_grid_thw"] = vision["image_grid_thw"]
-            image_token = tokenizer.convert_ids_to_tokens(model.config.image_token_id)
-            merge = image_processor.merge_size ** 2
-            counts = iter(int(grid.prod()) // merge for grid in vision["image_grid_thw"])
-            expanded = []
-            for text in texts:
-                pieces = text.split(image_token)
-                rebuilt = pieces[0]
-                for piece in pieces[1:]:
-                    rebuilt += image_token * next(counts) + piece
-                expanded.append(rebuilt)
-            texts = expanded
-        encoded = tokenizer(texts, padding=True, return_tensors="pt")
-        inputs["input_ids"] = encoded["input_ids"]
-        inputs["attention_mask"] = encoded["attention_mask"]
-        return inputs
+        return image_text_inputs(tokenizer, image_processor, model.config.image_token_id, texts, images)
 
     async def generate_batch(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
         return await asyncio.to_thread(self._generate_sync, requests)

@@ -15,6 +15,7 @@ from prismrec import cli_mllm_msr as _cli_mllm_msr  # noqa: E402,F401  (mllm-msr
 from prismrec import cli_report as _cli_report  # noqa: E402,F401  (compare)
 from prismrec import cli_semantics as _cli_semantics  # noqa: E402,F401  (derive, semantics status/show)
 from prismrec import cli_serving as _cli_serving  # noqa: E402,F401  (export, serve, recommend)
+from prismrec import cli_speeder as _cli_speeder  # noqa: E402,F401  (speeder train)
 from prismrec import cli_train as _cli_train  # noqa: E402,F401  (train, evaluate)
 
 # (more stages register here)

@@ -12,7 +12,7 @@ import json
 import tomllib
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, field_validator
 
@@ -172,14 +172,30 @@ def read_toml(path: Path | str, what: str = "config") -> dict[str, Any]:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
 
 
+def read_with_overrides(path: Path | str | None, overrides: Sequence[str] = ()) -> tuple[dict[str, Any], str]:
+    """A TOML file (or nothing) with ``section.key=value`` overrides applied, and where it came from."""
+    data = read_toml(path) if path is not None else {}
+    return apply_overrides(data, overrides), str(path) if path is not None else "command-line overrides"
+
+
+ConfigModel = TypeVar("ConfigModel", bound=BaseModel)
+
+
+def load_typed_config(model: type[ConfigModel], path: Path | str | None,
+                      overrides: Sequence[str] = ()) -> ConfigModel:
+    """Any pydantic config model (MLLM-MSR, Speeder, ...) from TOML + overrides; errors name file and key."""
+    data, source = read_with_overrides(path, overrides)
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, source)) from None
+    except KeyError as exc:  # unknown registry name
+        raise ConfigError(f"invalid configuration in {source}: {exc}") from None
+
+
 def load_config(path: Path | str | None, overrides: Sequence[str] = ()) -> RunConfig:
     """Read a TOML run config (or start from defaults when ``path`` is None) and apply overrides."""
-    data: dict[str, Any] = {}
-    source = "command-line overrides"
-    if path is not None:
-        source = str(path)
-        data = read_toml(path)
-    data = apply_overrides(data, overrides)
+    data, source = read_with_overrides(path, overrides)
     return validate_config(data, source)
 
 

@@ -73,10 +73,9 @@ from prismrec.config import (
     DataConfig,
     EvaluationConfig,
     StrictModel,
-    apply_overrides,
     dump_toml,
     format_validation_error,
-    read_toml,
+    load_typed_config,
 )
 from prismrec.data.dataset import SequenceDataset
 from prismrec.data.loaders import load_sequences
@@ -837,14 +836,9 @@ def fit_with_progress(model: MLLMMSR, samples: list[PromptSample], training: MLL
 # --- run directories (prismrec mllm-msr train / evaluate) -----------------------------------------------
 def load_mllm_msr_config(path: Path | str | None, overrides: Sequence[str] = ()) -> MLLMMSRConfig:
     """TOML file (or defaults) + ``section.key=value`` overrides -> validated config (ConfigError otherwise)."""
-    data: dict[str, Any] = {}
-    source = "command-line overrides"
-    if path is not None:
-        source = str(path)
-        data = read_toml(path)
-    data = apply_overrides(data, overrides)
+    config = load_typed_config(MLLMMSRConfig, path, overrides)
+    source = str(path or "command-line overrides")
     try:
-        config = MLLMMSRConfig.model_validate(data)
         config.model.summaries.validated_backend_options()
     except ValidationError as exc:
         raise ConfigError(format_validation_error(exc, source)) from None

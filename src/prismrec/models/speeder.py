@@ -880,16 +880,9 @@ SPEEDER_WEIGHTS = "speeder.safetensors"
 
 def load_run_config(path: Path | str | None, overrides: Sequence[str] = ()) -> SpeederRunConfig:
     """Read a Speeder TOML (or defaults) with ``section.key=value`` overrides; errors name the file and key."""
-    from pydantic import ValidationError
+    from prismrec.config import load_typed_config
 
-    from prismrec.config import ConfigError, apply_overrides, format_validation_error, read_toml
-
-    data = read_toml(path) if path is not None else {}
-    data = apply_overrides(data, overrides)
-    try:
-        return SpeederRunConfig.model_validate(data)
-    except ValidationError as exc:
-        raise ConfigError(format_validation_error(exc, str(path or "command-line overrides"))) from None
+    return load_typed_config(SpeederRunConfig, path, overrides)
 
 
 def fit_run(config: SpeederRunConfig, run_dir: Path | None = None, quiet: bool = False) -> dict[str, Any]:

@@ -1,6 +1,7 @@
 """The explorer page in a real browser: `prismrec serve` (subprocess, 127.0.0.1) with two tiny exports,
-driven by headless Chromium (Debian's package) through Playwright. Saves screenshots under
-reports/screenshots/ for the README."""
+driven by headless Chromium (Debian's package) through Playwright. Saves screenshots in a temporary folder,
+or under reports/screenshots/ (the README's) with PRISMREC_UPDATE_SCREENSHOTS=1, so a test run leaves the
+checkout clean."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ import pytest
 from serving_fixtures import SHARED_DATA_PRESENT, serving_runs
 
 REPO = Path(__file__).resolve().parents[1]
-SCREENSHOTS = REPO / "reports" / "screenshots"
+README_SCREENSHOTS = REPO / "reports" / "screenshots"
 CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None)
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                   "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-dev-shm-usage"]
@@ -80,9 +81,10 @@ def _save_small_png(png: bytes, path: Path) -> None:
     image.quantize(colors=256, method=Image.Quantize.MEDIANCUT).save(path, optimize=True)
 
 
-def test_explorer_item_search_and_user_view_in_chromium(served):
+def test_explorer_item_search_and_user_view_in_chromium(served, tmp_path):
     from playwright import sync_api
     url, _runs = served
+    screenshots = README_SCREENSHOTS if os.environ.get("PRISMREC_UPDATE_SCREENSHOTS") == "1" else tmp_path
     # Show a user whose held-out item one of the (barely trained) models finds, so the hit marking is on screen.
     user_id, marked = "1", "export-dmesr"
     with httpx.Client(base_url=url) as client:
@@ -122,7 +124,7 @@ def test_explorer_item_search_and_user_view_in_chromium(served):
                 "backend test-fixture · model random-embeddings · embedder random-normal-12d · artefact tiny")
             poster = detail.locator(".top img")
             page.wait_for_function("img => img.complete && img.naturalWidth > 0", arg=poster.element_handle())
-            _save_small_png(page.screenshot(full_page=False), SCREENSHOTS / "explorer-item.png")
+            _save_small_png(page.screenshot(full_page=False), screenshots / "explorer-item.png")
 
             # User view: history strip (most recent first), held-out item, two exports side by side.
             page.click("#tab-users")
@@ -149,7 +151,7 @@ def test_explorer_item_search_and_user_view_in_chromium(served):
             page.wait_for_function("() => [...document.querySelectorAll('#user-view img')]"
                                    ".every(i => i.complete && i.naturalWidth > 0)")
             page.set_viewport_size({"width": 1280, "height": 1180})
-            _save_small_png(page.screenshot(full_page=False), SCREENSHOTS / "explorer-user.png")
+            _save_small_png(page.screenshot(full_page=False), screenshots / "explorer-user.png")
             page.click("#history-all")
             sync_api.expect(page.locator("#history .card")).to_have_count(len(user["history"]))
             assert not errors, errors
@@ -157,4 +159,4 @@ def test_explorer_item_search_and_user_view_in_chromium(served):
             browser.close()
     assert not outside, f"the page requested something other than the local server: {outside[:5]}"
     for name in ("explorer-item.png", "explorer-user.png"):
-        assert 0 < (SCREENSHOTS / name).stat().st_size < 400_000
+        assert 0 < (screenshots / name).stat().st_size < 400_000

@@ -20,7 +20,7 @@ import numpy as np
 from scipy import stats
 
 from prismrec.experiments.paper import paper_value
-from prismrec.experiments.runner import CellResult
+from prismrec.experiments.runner import LONGTAIL_SHARE, CellResult
 from prismrec.experiments.spec import ExperimentSpec
 
 MODES = ("sampled", "full")
@@ -151,24 +151,14 @@ def _signed(value: float | None) -> str:
     return "" if value is None else f"{value:+.4f}"
 
 
-def markdown_table(spec: ExperimentSpec, rows: Sequence[Row], results: Sequence[CellResult], dataset: str,
-                   command: str) -> str:
-    """The paper's layout: backbone / method rows; per metric ours (sampled-100), paper, difference, ours (full)."""
+def _metric_table(spec: ExperimentSpec, rows: Sequence[Row], subset: str) -> list[str]:
+    """Markdown rows of the paper's layout for one user subset (``all`` or ``longtail``)."""
     label = {m.name: m.shown for m in spec.methods}
     backbone_label = {b.name: b.shown for b in spec.backbones}
     table = {(r.backbone, r.method, tuple(sorted(r.axes.items())), r.metric, r.mode): r
-             for r in rows if r.subset == "all"}
+             for r in rows if r.subset == subset}
     axis_names = [a.name for a in spec.axes]
-    seeds = sorted({r.cell.seed for r in results})
-    lines = [f"# {spec.title or spec.name} ({dataset})", ""]
-    if spec.description:
-        lines += [spec.description.strip(), ""]
-    lines += ["Command:", "", "```bash", command, "```", "",
-              f"Test split, best validation checkpoint, mean ± std over seeds {', '.join(map(str, seeds))}. "
-              "s100: the paper's protocol (positive + 100 sampled negatives); full: ranked against every item. "
-              "paper: the published value (sampled protocol), Δ = ours − paper. "
-              f"`*`: {spec.proposed} differs from the best baseline of the same backbone (two-sided paired t-test "
-              "over per-user test metrics of matching seeds, p < 0.05); p-values in the JSON rows.", ""]
+    lines: list[str] = []
     header = ["Backbone", "Method", *axis_names]
     for metric in spec.metrics:
         short = SHORT.get(metric, metric)
@@ -189,6 +179,28 @@ def markdown_table(spec: ExperimentSpec, rows: Sequence[Row], results: Sequence[
                 value = f"{row.mean:.4f} ± {row.std:.4f}{star}"
                 cells += [value, _fmt(row.paper), _signed(row.diff)] if mode == "sampled" else [value]
         lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def markdown_table(spec: ExperimentSpec, rows: Sequence[Row], results: Sequence[CellResult], dataset: str,
+                   command: str) -> str:
+    """The paper's layout: backbone / method rows; per metric ours (sampled-100), paper, difference, ours (full)."""
+    seeds = sorted({r.cell.seed for r in results})
+    lines = [f"# {spec.title or spec.name} ({dataset})", ""]
+    if spec.description:
+        lines += [spec.description.strip(), ""]
+    lines += ["Command:", "", "```bash", command, "```", "",
+              f"Test split, best validation checkpoint, mean ± std over seeds {', '.join(map(str, seeds))}. "
+              "s100: the paper's protocol (positive + 100 sampled negatives); full: ranked against every item. "
+              "paper: the published value (sampled protocol), Δ = ours − paper. "
+              f"`*`: {spec.proposed} differs from the best baseline of the same backbone (two-sided paired t-test "
+              "over per-user test metrics of matching seeds, p < 0.05); p-values in the JSON rows.", ""]
+    lines += _metric_table(spec, rows, "all")
+    if "longtail" in spec.figures:
+        lines += ["", f"Long-tail users only (test target among the {LONGTAIL_SHARE:.0%} least popular items by "
+                  "training interactions, paper Figure 2); the paper publishes no numbers for them, so its "
+                  "columns are empty:", ""]
+        lines += _metric_table(spec, rows, "longtail")
     lines += ["", "Wall-clock time per cell (training + evaluation; cells reused from earlier invocations keep the "
               "time recorded when they ran):", "", "| cell | seconds | run directory |", "|---|---|---|"]
     for result in results:

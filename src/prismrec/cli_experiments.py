@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import shlex
 import sys
 from pathlib import Path
@@ -12,7 +11,7 @@ import typer
 from rich.console import Console
 
 from prismrec.cli import app
-from prismrec.config import ConfigError
+from prismrec.config import ConfigError, command_line_overrides
 from prismrec.data.errors import DataError
 
 console = Console()
@@ -49,10 +48,8 @@ def reproduce(
     from prismrec.experiments import reproduce as run_experiment
     from prismrec.experiments.runner import PER_USER_FILE, cell_dir, runs_root_default
 
-    overrides = list(set_ or [])
+    overrides = command_line_overrides(set_, data_dir)
     backbone_names = [b.strip() for b in backbones.split(",") if b.strip()] if backbones else None
-    if data_dir is not None:
-        overrides.append(f"data.data_dir={json.dumps(str(data_dir))}")
     command = " ".join(shlex.quote(a) for a in ["prismrec", *sys.argv[1:]]) if sys.argv[1:2] == ["reproduce"] \
         else f"prismrec reproduce {experiment} --dataset {dataset}"
     try:

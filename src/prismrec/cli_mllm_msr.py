@@ -10,7 +10,7 @@ import typer
 from rich.console import Console
 
 from prismrec.cli import app
-from prismrec.config import ConfigError
+from prismrec.config import ConfigError, command_line_overrides
 from prismrec.data.errors import DataError
 
 mllm_msr_app = typer.Typer(no_args_is_help=True, help="MLLM-MSR: recurrent user summaries + a LoRA-tuned LLM "
@@ -38,9 +38,7 @@ def train(
     from prismrec.models.mllm_msr import SummaryError, load_mllm_msr_config, run_mllm_msr
     from prismrec.semantics.artefact import ArtefactError
 
-    overrides = list(set_ or [])
-    if data_dir is not None:
-        overrides.append(f"data.data_dir={json.dumps(str(data_dir))}")
+    overrides = command_line_overrides(set_, data_dir)
     try:
         cfg = load_mllm_msr_config(config, overrides)
         run_dir, result = run_mllm_msr(cfg, console=err_console, quiet=quiet)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated
 
@@ -11,7 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from prismrec.cli import app
-from prismrec.config import ConfigError
+from prismrec.config import ConfigError, command_line_overrides
 from prismrec.data.errors import DataError
 
 console = Console()
@@ -31,9 +30,7 @@ def train(
     from prismrec.models.speeder import SpeederError, fit_run, load_run_config
     from prismrec.semantics.artefact import ArtefactError
 
-    overrides = list(set_ or [])
-    if data_dir is not None:
-        overrides.append(f"data.data_dir={json.dumps(str(data_dir))}")
+    overrides = command_line_overrides(set_, data_dir)
     try:
         cfg = load_run_config(config, overrides)
         result = fit_run(cfg, run_dir=run_dir, quiet=quiet)

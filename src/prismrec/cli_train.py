@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from prismrec.cli import app
-from prismrec.config import ConfigError, load_config
+from prismrec.config import ConfigError, command_line_overrides, load_config
 from prismrec.data.errors import DataError
 
 console = Console()
@@ -45,9 +45,7 @@ def train(
     from prismrec.training.checkpoint import CheckpointError
     from prismrec.training.runs import load_run_config
 
-    overrides = list(set_ or [])
-    if data_dir is not None:
-        overrides.append(f"data.data_dir={json.dumps(str(data_dir))}")
+    overrides = command_line_overrides(set_, data_dir)
     try:
         if resume is not None:
             if config is not None or overrides:

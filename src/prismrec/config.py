@@ -172,6 +172,14 @@ def read_toml(path: Path | str, what: str = "config") -> dict[str, Any]:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
 
 
+def command_line_overrides(overrides: Sequence[str] | None, data_dir: Path | None = None) -> list[str]:
+    """A command's ``--set`` overrides, plus ``--data-dir`` as the ``data.data_dir`` override (applied last)."""
+    combined = list(overrides or [])
+    if data_dir is not None:
+        combined.append(f"data.data_dir={json.dumps(str(data_dir))}")
+    return combined
+
+
 def read_with_overrides(path: Path | str | None, overrides: Sequence[str] = ()) -> tuple[dict[str, Any], str]:
     """A TOML file (or nothing) with ``section.key=value`` overrides applied, and where it came from."""
     data = read_toml(path) if path is not None else {}

@@ -20,6 +20,7 @@ import platform
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +43,44 @@ def parse_runs(text: str) -> list[tuple[str, int]]:
     return out
 
 
+@dataclass
+class KeptRows:
+    """What ``--keep-existing`` carries over from the previous report for backbones not rerun."""
+
+    names: list[str]
+    summary: dict[str, float | int | str]
+    lines: dict[str, list[str]]
+    commands: list[str]
+    minutes: str
+
+
+def kept_rows(out: Path, rerun: set[str]) -> KeptRows | None:
+    md_path, json_path = out / "backbones.md", out / "backbones.json"
+    if not (md_path.exists() and json_path.exists()):
+        return None
+    old = json.loads(json_path.read_text())
+    names = sorted({k.removesuffix("_seeds") for k in old if k.endswith("_seeds")} - rerun)
+    summary = {k: v for k, v in old.items() if any(k.startswith(f"{n}_") for n in names)}
+    lines: dict[str, list[str]] = {"summary": [], "runs": [], "settings": []}
+    commands: list[str] = []
+    section = "summary"
+    minutes = "wall time not recorded"
+    for line in md_path.read_text().splitlines():
+        if line.startswith("Per run:"):
+            section = "runs"
+        elif line.startswith("Settings:"):
+            section = "settings"
+        elif line.startswith("Command") and ("`" in line):
+            commands.append(line.split("`", 1)[1].rsplit("`", 1)[0])
+        elif line.startswith("`") and line.endswith("`") and "benchmarks/backbones.py" in line:
+            commands.append(line.strip("`"))
+        elif "Total wall time" in line or "Wall time of this invocation" in line:
+            minutes = "total wall time " + line.rsplit("time", 1)[1].strip(" .")
+        if any(line.startswith(f"| {n} |") or line.startswith(f"- {n}: ") for n in names):
+            lines[section].append(line)
+    return KeptRows(names, summary, lines, commands, minutes)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", default="sasrec:3,bert4rec:3,gru4rec:3", help="backbone:seeds, comma-separated")
@@ -49,6 +88,9 @@ def main() -> None:
     parser.add_argument("--max-epochs", type=int, default=None)
     parser.add_argument("--patience", type=int, default=None)
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--keep-existing", action="store_true",
+                        help="keep the rows of backbones not in --runs from the existing backbones.md/.json "
+                             "(each backbone's rows come from one invocation; both commands are recorded)")
     args = parser.parse_args()
 
     common = list(args.set)
@@ -102,11 +144,19 @@ def main() -> None:
                                                          / summary["sasrec_sampled_ndcg10_mean"])
 
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "backbones.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
     command = " ".join(["OMP_WAIT_POLICY=PASSIVE", ".venv/bin/python", "benchmarks/backbones.py", *sys.argv[1:]])
-    lines = ["# Backbones on MovieLens (ml-latest-small)", "",
-             f"Command: `{command}`", "",
-             f"Machine: {platform.platform()}, {os.cpu_count()} CPUs (shared). Total wall time {total / 60:.1f} min.",
+    kept = kept_rows(args.out, set(rows)) if args.keep_existing else None
+    if kept is not None:
+        summary = {**kept.summary, **summary}
+    (args.out / "backbones.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    header = [f"Command: `{command}`"]
+    if kept is not None and kept.names:
+        header = [f"Command for {', '.join(rows)}: `{command}`", "",
+                  f"Rows of {', '.join(kept.names)} kept from an earlier invocation ({kept.minutes}):", "",
+                  *(f"`{c.strip('`')}`" for c in kept.commands)]
+    lines = ["# Backbones on MovieLens (ml-latest-small)", "", *header, "",
+             f"Machine: {platform.platform()}, {os.cpu_count()} CPUs (shared). Wall time of this invocation "
+             f"{total / 60:.1f} min.",
              "", "Test metrics of the best-validation checkpoint (mean ± std over seeds). Sampled: the positive "
              "against 100 unseen items (paper 4.1.3); full: against every item the user has not seen.", "",
              "| backbone | seeds | epochs run (best) | sampled H@10 | sampled N@10 | full H@10 | full N@10 | "
@@ -123,6 +173,8 @@ def main() -> None:
                      f"{cell('sampled_hit10')} | {cell('sampled_ndcg10')} | {cell('full_hit10')} | "
                      f"{cell('full_ndcg10')} | {PAPER_NONE[name][0]:.4f} / {PAPER_NONE[name][1]:.4f} | "
                      f"{s[f'{name}_ndcg10_ratio_vs_popularity']:.2f} |")
+    if kept is not None:
+        lines += kept.lines["summary"]
     lines += [f"| popularity (reference) | - | - | {pop.final['test/sampled']['hit@10']:.4f} | {pop_sampled:.4f} | "
               f"{pop.final['test/full']['hit@10']:.4f} | {pop.final['test/full']['ndcg@10']:.4f} | - | 1.00 |", "",
               "Per run:", "", "| backbone | seed | epochs run | best epoch | seconds | sampled N@10 | full N@10 |",
@@ -131,9 +183,13 @@ def main() -> None:
         for r in items:
             lines.append(f"| {name} | {r['seed']} | {r['epochs_run']} | {r['best_epoch']} | {r['seconds']:.0f} | "
                          f"{r['sampled_ndcg10']:.4f} | {r['full_ndcg10']:.4f} |")
+    if kept is not None:
+        lines += kept.lines["runs"]
     lines += ["", "Settings:", ""]
     for name, cfg in settings.items():
         lines.append(f"- {name}: model {json.dumps(cfg['model'])}; training {json.dumps(cfg['training'])}")
+    if kept is not None:
+        lines += kept.lines["settings"]
     (args.out / "backbones.md").write_text("\n".join(lines) + "\n")
     print(f"wrote {args.out / 'backbones.md'}")
 

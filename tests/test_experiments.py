@@ -157,6 +157,41 @@ def test_grid_runs_reuses_extends_and_reports(tmp_path):
         assert (out / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_keep_rows_joins_backbones_run_on_different_machines(tmp_path):
+    """A grid finished backbone by backbone, the first backbone's run directories gone in between (a fresh
+    machine), still ends in one table: --keep-rows carries the earlier rows, p-values and cell times."""
+    body = GRID.format(tiny=json.dumps(TINY)).replace('overrides = ["model.num_blocks=1"]', "")
+    path = _experiment(tmp_path, "joined", body + '\n    [[backbones]]\n    name = "gru4rec"\n    label = "GRU4Rec"\n')
+    out = tmp_path / "report"
+    first = reproduce(path, "movielens-small", seeds=[42], out_dir=out, runs_root=tmp_path / "machine-a",
+                      quiet=True, backbones=["sasrec"], command="first command")
+    sasrec_rows = json.loads((out / "joined.json").read_text())
+    assert {r["backbone"] for r in sasrec_rows} == {"sasrec"}
+
+    second = reproduce(path, "movielens-small", seeds=[42], out_dir=out, runs_root=tmp_path / "machine-b",
+                       quiet=True, backbones=["gru4rec"], keep_rows=True, command="second command")
+    assert sorted(second["trained"]) == ["GRU-gru4rec-s42", "None-gru4rec-s42"]  # sasrec not retrained
+    rows = json.loads((out / "joined.json").read_text())
+    assert [r for r in rows if r["backbone"] == "sasrec"] == sasrec_rows  # carried unchanged
+    gru_rows = [r for r in rows if r["backbone"] == "gru4rec"]
+    assert gru_rows and all(r["n_seeds"] == 1 for r in gru_rows)
+    table = (out / "joined.md").read_text()
+    assert "| SASRec | None |" in table or "| sasrec | None |" in table
+    assert "| GRU4Rec | None |" in table and "kept from an earlier invocation" in table
+    assert "first command" in table and "second command" in table
+    cells = json.loads((out / "joined.cells.json").read_text())
+    assert [c["cell"] for c in cells] == [*(r.cell.cell_id for r in first["results"]),
+                                          *(r.cell.cell_id for r in second["results"])]
+    assert all(c["seconds"] > 0 for c in cells)
+    assert all(f"| {c['cell']} | {c['seconds']:.1f} |" in table for c in cells)
+
+    # Without --keep-rows the report holds what this invocation ran, nothing else.
+    third = reproduce(path, "movielens-small", seeds=[42], out_dir=out, runs_root=tmp_path / "machine-b",
+                      quiet=True, backbones=["gru4rec"])
+    assert third["trained"] == []
+    assert {r["backbone"] for r in json.loads((out / "joined.json").read_text())} == {"gru4rec"}
+
+
 def test_sweep_figure(tmp_path):
     path = _experiment(tmp_path, "sweep", f"""
         seeds = [42]

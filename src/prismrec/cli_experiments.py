@@ -42,6 +42,8 @@ def reproduce(
     quiet: Annotated[bool, typer.Option(help="no progress view")] = False,
     backbones: Annotated[str | None, typer.Option(help="comma-separated subset of the experiment's backbones "
                                                   "(default: all)")] = None,
+    keep_rows: Annotated[bool, typer.Option("--keep-rows", help="keep the rows of backbones not run now from the "
+                                            "report already in --out (finish a grid backbone by backbone)")] = False,
 ) -> None:
     """Run every cell of an experiment (reusing finished ones) and write table, JSON rows and figures."""
     from prismrec.experiments import expand_cells, experiment_path, load_experiment, restrict_backbones
@@ -65,7 +67,7 @@ def reproduce(
             console.print(f"{len(cells)} cells: {done} done, {len(cells) - done} left")
             return
         report = run_experiment(experiment, dataset, _seeds(seeds), overrides, out_dir=out, command=command,
-                                quiet=quiet, backbones=backbone_names)
+                                quiet=quiet, backbones=backbone_names, keep_rows=keep_rows)
     except (ConfigError, DataError, ValueError, FileNotFoundError) as exc:
         console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2) from None

@@ -12,7 +12,7 @@ from typing import Any
 
 from prismrec.config import ConfigError
 from prismrec.data.paths import output_dir
-from prismrec.experiments.report import paired_t_test, write_report
+from prismrec.experiments.report import load_carried_rows, paired_t_test, write_report
 from prismrec.experiments.runner import CellResult, ExperimentRunner
 from prismrec.experiments.spec import Cell, ExperimentSpec, expand_cells, load_experiment, restrict_backbones
 
@@ -39,13 +39,20 @@ def experiment_path(name_or_path: str) -> Path:
 
 def reproduce(experiment: str | Path, dataset: str, seeds: Sequence[int] | None = None,
               overrides: Sequence[str] = (), out_dir: Path | None = None, runs_root: Path | None = None,
-              command: str = "", quiet: bool = False, backbones: Sequence[str] | None = None) -> dict[str, Any]:
-    """Run (or reuse) every cell of an experiment and write its report; returns the report's paths and rows."""
-    spec = restrict_backbones(load_experiment(experiment_path(str(experiment))), backbones)
+              command: str = "", quiet: bool = False, backbones: Sequence[str] | None = None,
+              keep_rows: bool = False) -> dict[str, Any]:
+    """Run (or reuse) every cell of an experiment and write its report; returns the report's paths and rows.
+
+    ``keep_rows``: keep the rows of the backbones *not* run now from the report already in the output folder
+    (a grid finished backbone by backbone, on different machines or days, ends in one table).
+    """
+    full_spec = load_experiment(experiment_path(str(experiment)))
+    spec = restrict_backbones(full_spec, backbones)
     cells = expand_cells(spec, dataset, seeds, overrides)
+    out = out_dir or output_dir("reports") / spec.name
+    carried = load_carried_rows(out, spec.name, [b.name for b in spec.backbones]) if keep_rows else None
     runner = ExperimentRunner(spec, cells, runs_root=runs_root, quiet=quiet)
     results = runner.run()
-    out = out_dir or output_dir("reports") / spec.name
-    report = write_report(spec, results, dataset, out, command or f"prismrec reproduce {spec.name} "
-                          f"--dataset {dataset}")
+    report = write_report(full_spec if carried else spec, results, dataset, out,
+                          command or f"prismrec reproduce {spec.name} --dataset {dataset}", carried)
     return {**report, "results": results, "trained": list(runner.trained), "spec": spec}

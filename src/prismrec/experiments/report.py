@@ -58,6 +58,13 @@ class Row:
     def diff(self) -> float | None:
         return None if self.paper is None else self.mean - self.paper
 
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Row:
+        return cls(data["backbone"], data["method"], data["metric"], data["mode"], float(data["mean"]),
+                   float(data["std"]), data.get("paper"), data.get("p_value"), subset=data.get("subset", "all"),
+                   axes=dict(data.get("axes") or {}), n_seeds=int(data.get("n_seeds", 0)),
+                   best_baseline=data.get("best_baseline"))
+
     def to_json(self) -> dict[str, Any]:
         return {"backbone": self.backbone, "method": self.method, "metric": self.metric, "mode": self.mode,
                 "mean": self.mean, "std": self.std, "paper": self.paper, "p_value": self.p_value,
@@ -182,14 +189,59 @@ def _metric_table(spec: ExperimentSpec, rows: Sequence[Row], subset: str) -> lis
     return lines
 
 
+@dataclass
+class CarriedRows:
+    """Rows (and cell times) of backbones not rerun, kept from the report an earlier invocation wrote.
+
+    Each backbone's rows, means and p-values come from one invocation's cells: the significance test pairs
+    cells of the same backbone only, so rows of different backbones can be put side by side unchanged.
+    """
+
+    rows: list[Row]
+    cells: list[dict[str, Any]]
+
+    @property
+    def backbones(self) -> list[str]:
+        return list(dict.fromkeys(r.backbone for r in self.rows))
+
+
+def cell_records(results: Sequence[CellResult], command: str) -> list[dict[str, Any]]:
+    return [{"cell": r.cell.cell_id, "backbone": r.cell.backbone, "method": r.cell.method, "seed": r.cell.seed,
+             "seconds": None if math.isnan(r.wall_seconds) else round(r.wall_seconds, 1),
+             "run_dir": r.run_dir.name, "command": command} for r in results]
+
+
+def load_carried_rows(out_dir: Path, name: str, rerun_backbones: Sequence[str]) -> CarriedRows:
+    """Rows of ``<name>.json`` in ``out_dir`` for backbones other than ``rerun_backbones`` (and their cell
+    times from ``<name>.cells.json``); empty when there is no earlier report."""
+    rows_path, cells_path = out_dir / f"{name}.json", out_dir / f"{name}.cells.json"
+    if not rows_path.exists():
+        return CarriedRows([], [])
+    try:
+        rows = [Row.from_json(r) for r in json.loads(rows_path.read_text(encoding="utf-8"))]
+        cells = json.loads(cells_path.read_text(encoding="utf-8")) if cells_path.exists() else []
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"cannot keep rows from {rows_path}: {exc}") from None
+    rerun = set(rerun_backbones)
+    return CarriedRows([r for r in rows if r.backbone not in rerun],
+                       [c for c in cells if c.get("backbone") not in rerun])
+
+
 def markdown_table(spec: ExperimentSpec, rows: Sequence[Row], results: Sequence[CellResult], dataset: str,
-                   command: str) -> str:
+                   command: str, carried: CarriedRows | None = None) -> str:
     """The paper's layout: backbone / method rows; per metric ours (sampled-100), paper, difference, ours (full)."""
-    seeds = sorted({r.cell.seed for r in results})
+    seeds = sorted({r.cell.seed for r in results} | {int(c["seed"]) for c in (carried.cells if carried else [])})
     lines = [f"# {spec.title or spec.name} ({dataset})", ""]
     if spec.description:
         lines += [spec.description.strip(), ""]
-    lines += ["Command:", "", "```bash", command, "```", "",
+    lines += ["Command:", "", "```bash", command, "```", ""]
+    if carried and carried.rows:
+        earlier = list(dict.fromkeys(c["command"] for c in carried.cells if c.get("command")))
+        shown = ", ".join(next((b.shown for b in spec.backbones if b.name == n), n) for n in carried.backbones)
+        lines += [f"Rows of {shown} kept from an earlier invocation of this report (not rerun here; each "
+                  "backbone's rows and p-values come from one invocation's cells):", "", "```bash", *earlier,
+                  "```", ""]
+    lines += [
               f"Test split, best validation checkpoint, mean ± std over seeds {', '.join(map(str, seeds))}. "
               "s100: the paper's protocol (positive + 100 sampled negatives); full: ranked against every item. "
               "paper: the published value (sampled protocol), Δ = ours − paper. "
@@ -203,10 +255,12 @@ def markdown_table(spec: ExperimentSpec, rows: Sequence[Row], results: Sequence[
         lines += _metric_table(spec, rows, "longtail")
     lines += ["", "Wall-clock time per cell (training + evaluation; cells reused from earlier invocations keep the "
               "time recorded when they ran):", "", "| cell | seconds | run directory |", "|---|---|---|"]
-    for result in results:
-        lines.append(f"| {result.cell.cell_id} | {_fmt(result.wall_seconds, 1)} | `{result.run_dir.name}` |")
-    total = sum(r.wall_seconds for r in results if not math.isnan(r.wall_seconds))
-    lines += ["", f"Total: {total:.1f} s over {len(results)} cells.", ""]
+    records = [*(carried.cells if carried else []), *cell_records(results, command)]
+    for record in records:
+        seconds = record.get("seconds")
+        lines.append(f"| {record['cell']} | {'' if seconds is None else f'{seconds:.1f}'} | `{record['run_dir']}` |")
+    total = sum(float(r["seconds"]) for r in records if r.get("seconds") is not None)
+    lines += ["", f"Total: {total:.1f} s over {len(records)} cells.", ""]
     return "\n".join(lines)
 
 
@@ -272,13 +326,16 @@ def write_figures(spec: ExperimentSpec, rows: Sequence[Row], out_dir: Path) -> l
 
 
 def write_report(spec: ExperimentSpec, results: Sequence[CellResult], dataset: str, out_dir: Path,
-                 command: str) -> dict[str, Any]:
-    """Write ``<name>.md``, ``<name>.json`` (the rows) and the figures into ``out_dir``."""
+                 command: str, carried: CarriedRows | None = None) -> dict[str, Any]:
+    """Write ``<name>.md``, ``<name>.json`` (the rows), ``<name>.cells.json`` (cell times and run
+    directories) and the figures into ``out_dir``; ``carried`` rows (other backbones) are kept beside the new."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    rows = build_rows(spec, results, dataset)
+    rows = [*(carried.rows if carried else []), *build_rows(spec, results, dataset)]
     table_path = out_dir / f"{spec.name}.md"
-    table_path.write_text(markdown_table(spec, rows, results, dataset, command), encoding="utf-8")
+    table_path.write_text(markdown_table(spec, rows, results, dataset, command, carried), encoding="utf-8")
     json_path = out_dir / f"{spec.name}.json"
     json_path.write_text(json.dumps([r.to_json() for r in rows], indent=2, default=str) + "\n", encoding="utf-8")
+    records = [*(carried.cells if carried else []), *cell_records(results, command)]
+    (out_dir / f"{spec.name}.cells.json").write_text(json.dumps(records, indent=2) + "\n", encoding="utf-8")
     figures = write_figures(spec, rows, out_dir)
     return {"table": table_path, "json": json_path, "figures": figures, "rows": rows}

@@ -59,9 +59,7 @@ is a choice recorded here (all switchable in :class:`SpeederOptions` / :class:`S
     most recent:<i>
     The next item is:                  <- retrieval position (hidden state h)
     Candidates:
-    (A)<i>
-    ...
-    (T)<i>
+    A<i>B<i>...T<i>
     Answer: (                          <- choice position (LM head)
 
 **Task and scoring**
@@ -80,9 +78,10 @@ is a choice recorded here (all switchable in :class:`SpeederOptions` / :class:`S
   uniform items shared by the batch (the retrieval head), plus, in a ``choice_fraction`` share of the
   batches (default half; drawn per batch so a batch's prompts have similar lengths), ``choice_loss_weight``
   * cross-entropy over the full vocabulary for the correct letter at the choice position (the LM head only
-  runs at that one position, never over the whole sequence). The candidate list is ~5 tokens per candidate,
-  more than the history itself, so listing it in every training prompt would double the training cost for
-  the one metric that needs it; the retrieval loss, which every metric but Hit@1 uses, runs every step.
+  runs at that one position, never over the whole sequence). The candidate list is ~2 tokens per candidate
+  (a letter and the soft token), 40+ tokens for 20, about as long as the 10-item history with its cues, so
+  listing it in every training prompt would nearly double the training cost for the one metric that needs
+  it; the retrieval loss, which every metric but Hit@1 uses, runs every step.
 * Training examples: a random training user (users with >= 2 training items), a random cut point t >= 1
   of their training sequence, history = the ``max_len`` items before t, target = item t; the 19 choice
   negatives are uniform items the user never interacted with in training.
@@ -408,11 +407,12 @@ class PromptBuilder:
             choice = -1
             if choices is not None:
                 text(self.CANDIDATES)
+                # "A<i>B<i>...": a letter is one token (checked in __init__), so a candidate costs
+                # n_item_tokens + 1 prompt tokens; brackets and a newline each would add three more.
                 for letter, candidate in zip(LETTERS, choices[row], strict=False):
-                    text(f"({letter})")
+                    text(letter)
                     item(int(candidate), -1)
-                    text("\n")
-                text(self.ANSWER)
+                text("\n" + self.ANSWER)
                 choice = len(ids) - 1
             rows.append((ids, items, subs, positions, retrieval, choice))
         length = max(len(r[0]) for r in rows)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from safetensors.numpy import load_file as load_numpy
 from scipy import stats
 
 from prismrec.config import ConfigError
@@ -190,6 +191,33 @@ def test_keep_rows_joins_backbones_run_on_different_machines(tmp_path):
                       quiet=True, backbones=["gru4rec"])
     assert third["trained"] == []
     assert {r["backbone"] for r in json.loads((out / "joined.json").read_text())} == {"gru4rec"}
+
+
+def test_cell_records_outlive_the_run_directories(tmp_path):
+    """--records: finished cells are copied (without weights) to a folder that survives a fresh machine."""
+    path = _experiment(tmp_path, "recorded", GRID.format(tiny=json.dumps(TINY)))
+    records = tmp_path / "records"
+    first = reproduce(path, "movielens-small", seeds=[42], out_dir=tmp_path / "a", runs_root=tmp_path / "machine-a",
+                      quiet=True, records=records)
+    assert len(first["trained"]) == 2
+    for result in first["results"]:
+        record = records / result.run_dir.name
+        assert sorted(p.name for p in record.iterdir()) == ["cell.json", "config.toml", "final.json", "meta.json",
+                                                            PER_USER_FILE]
+        kept = load_numpy(str(record / PER_USER_FILE))
+        assert {k.rsplit("/", 1)[1] for k in kept} == {"users", "longtail", "hit@10", "ndcg@10"}
+        full = result.per_user()
+        assert all(np.array_equal(kept[k], full[k]) for k in kept)
+    # A fresh machine: no run directories, only the records. Nothing trains and the report is the same.
+    second = reproduce(path, "movielens-small", seeds=[42], out_dir=tmp_path / "b", runs_root=tmp_path / "machine-b",
+                       quiet=True, records=records)
+    assert second["trained"] == [] and not (tmp_path / "machine-b").exists()
+    assert json.loads((tmp_path / "b" / "recorded.json").read_text()) == json.loads(
+        (tmp_path / "a" / "recorded.json").read_text())
+    # A record for another config (changed hash) is not reused: that cell trains.
+    third = reproduce(path, "movielens-small", seeds=[42], overrides=["training.lr=0.002"], out_dir=tmp_path / "c",
+                      runs_root=tmp_path / "machine-b", quiet=True, records=records)
+    assert len(third["trained"]) == 2
 
 
 def test_sweep_figure(tmp_path):

@@ -44,11 +44,14 @@ def reproduce(
                                                   "(default: all)")] = None,
     keep_rows: Annotated[bool, typer.Option("--keep-rows", help="keep the rows of backbones not run now from the "
                                             "report already in --out (finish a grid backbone by backbone)")] = False,
+    records: Annotated[Path | None, typer.Option(help="folder of cell records (results without weights, small "
+                                                 "enough to commit): finished cells are reused from it and "
+                                                 "copied to it, so they outlive the machine")] = None,
 ) -> None:
     """Run every cell of an experiment (reusing finished ones) and write table, JSON rows and figures."""
     from prismrec.experiments import expand_cells, experiment_path, load_experiment, restrict_backbones
     from prismrec.experiments import reproduce as run_experiment
-    from prismrec.experiments.runner import PER_USER_FILE, cell_dir, runs_root_default
+    from prismrec.experiments.runner import ExperimentRunner
 
     overrides = command_line_overrides(set_, data_dir)
     backbone_names = [b.strip() for b in backbones.split(",") if b.strip()] if backbones else None
@@ -58,16 +61,16 @@ def reproduce(
         if dry_run:
             spec = restrict_backbones(load_experiment(experiment_path(experiment)), backbone_names)
             cells = expand_cells(spec, dataset, _seeds(seeds), overrides)
-            root = runs_root_default()
+            checker = ExperimentRunner(spec, cells, records=records)
             done = 0
             for cell in cells:
-                finished = (cell_dir(root, cell) / PER_USER_FILE).exists()
+                finished = checker.is_done(cell)
                 done += finished
                 console.print(f"{'done' if finished else 'todo'}  {cell.cell_id}  ({cell.config.config_hash()})")
             console.print(f"{len(cells)} cells: {done} done, {len(cells) - done} left")
             return
         report = run_experiment(experiment, dataset, _seeds(seeds), overrides, out_dir=out, command=command,
-                                quiet=quiet, backbones=backbone_names, keep_rows=keep_rows)
+                                quiet=quiet, backbones=backbone_names, keep_rows=keep_rows, records=records)
     except (ConfigError, DataError, ValueError, FileNotFoundError) as exc:
         console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2) from None

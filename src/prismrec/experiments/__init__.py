@@ -40,18 +40,20 @@ def experiment_path(name_or_path: str) -> Path:
 def reproduce(experiment: str | Path, dataset: str, seeds: Sequence[int] | None = None,
               overrides: Sequence[str] = (), out_dir: Path | None = None, runs_root: Path | None = None,
               command: str = "", quiet: bool = False, backbones: Sequence[str] | None = None,
-              keep_rows: bool = False) -> dict[str, Any]:
+              keep_rows: bool = False, records: Path | None = None) -> dict[str, Any]:
     """Run (or reuse) every cell of an experiment and write its report; returns the report's paths and rows.
 
     ``keep_rows``: keep the rows of the backbones *not* run now from the report already in the output folder
     (a grid finished backbone by backbone, on different machines or days, ends in one table).
+    ``records``: a folder of cell records (see :mod:`.runner`) reused and extended, so finished cells
+    outlive the machine.
     """
     full_spec = load_experiment(experiment_path(str(experiment)))
     spec = restrict_backbones(full_spec, backbones)
     cells = expand_cells(spec, dataset, seeds, overrides)
     out = out_dir or output_dir("reports") / spec.name
     carried = load_carried_rows(out, spec.name, [b.name for b in spec.backbones]) if keep_rows else None
-    runner = ExperimentRunner(spec, cells, runs_root=runs_root, quiet=quiet)
+    runner = ExperimentRunner(spec, cells, runs_root=runs_root, quiet=quiet, records=records)
     results = runner.run()
     report = write_report(full_spec if carried else spec, results, dataset, out,
                           command or f"prismrec reproduce {spec.name} --dataset {dataset}", carried)

@@ -5,11 +5,19 @@ DMESR cells of Table 2 are those of Table 3 and of the long-tail figure). A cell
 ``final.json`` and ``per_user.safetensors`` written for the same resolved config hash and data fingerprint
 is reused as is; one killed mid-training resumes from its ``last.safetensors``. So an interrupted or
 extended grid continues where it stopped. ``cell.json`` records the cell's coordinates and wall time.
+
+*Cell records* (``records=DIR``, ``prismrec reproduce --records DIR``) make finished cells outlive the
+machine: each finished cell's small result files (resolved config, meta, final metrics, cell.json and the
+per-user test metrics the report reads, no weights) are copied to ``DIR/<cell id>-<config hash>/``, and a
+cell whose record matches the config hash and data fingerprint is reused from there. A grid spread over
+several sittings on fresh machines (run directories gone) keeps every finished cell this way, a few tens of
+kilobytes each, small enough to commit next to the report.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -98,6 +106,24 @@ def save_per_user(run_dir: Path, model: torch.nn.Module, evaluators: Evaluators,
     tmp.replace(run_dir / PER_USER_FILE)
 
 
+RECORD_FILES = ("config.toml", "meta.json", "final.json", CELL_FILE)
+
+
+def write_record(run_dir: Path, record_dir: Path, metrics: Sequence[str]) -> None:
+    """Copy a finished cell's result files to ``record_dir``, per-user arrays cut to the report's metrics."""
+    tmp = record_dir.with_name(record_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for name in RECORD_FILES:
+        if (run_dir / name).exists():
+            shutil.copy2(run_dir / name, tmp / name)
+    arrays = load_numpy(str(run_dir / PER_USER_FILE))
+    keep = {k: v for k, v in arrays.items() if k.rsplit("/", 1)[1] in {"users", "longtail", *metrics}}
+    save_numpy(keep, str(tmp / PER_USER_FILE))
+    shutil.rmtree(record_dir, ignore_errors=True)
+    tmp.replace(record_dir)
+
+
 def rescore(run_dir: Path, config: RunConfig, split: LeaveOneOutSplit) -> None:
     """Per-user metrics of a finished run from its best checkpoint (for runs trained outside the runner)."""
     seed_everything(config.seed)
@@ -118,11 +144,12 @@ class ExperimentRunner:
     """Executes the cells of one experiment in order, reusing what is already done."""
 
     def __init__(self, spec: ExperimentSpec, cells: Sequence[Cell], runs_root: Path | None = None,
-                 quiet: bool = False) -> None:
+                 quiet: bool = False, records: Path | None = None) -> None:
         self.spec = spec
         self.cells = list(cells)
         self.root = runs_root or runs_root_default()
         self.quiet = quiet
+        self.records = records
         self._splits: dict[str, LeaveOneOutSplit] = {}
         self.trained: list[str] = []  # cell ids trained (not reused) by this runner
 
@@ -137,12 +164,15 @@ class ExperimentRunner:
         run_dir = cell_dir(self.root, cell)
         fingerprint = split.dataset.fingerprint
         cell_path = run_dir / CELL_FILE
+        record = self.records / run_dir.name if self.records is not None else None
         if _finished(run_dir, cell.config, fingerprint):
             if not (run_dir / PER_USER_FILE).exists():
                 rescore(run_dir, cell.config, split)
-            wall = json.loads(cell_path.read_text())["wall_seconds"] if cell_path.exists() else float("nan")
-            final = json.loads((run_dir / "final.json").read_text(encoding="utf-8"))
-            return CellResult(cell, run_dir, final, wall, reused=True)
+            if record is not None and not _finished(record, cell.config, fingerprint):
+                write_record(run_dir, record, self.spec.metrics)
+            return self._reused(cell, run_dir)
+        if record is not None and _finished(record, cell.config, fingerprint) and (record / PER_USER_FILE).exists():
+            return self._reused(cell, record)
         resume = (run_dir / "meta.json").exists() and (run_dir / LAST_CHECKPOINT).exists()
         start = time.perf_counter()
         trainer = Trainer(cell.config, split=split, run_dir=run_dir, quiet=True, resume=resume)
@@ -156,14 +186,29 @@ class ExperimentRunner:
                                "wall_seconds": wall + float(previous.get("wall_seconds", 0.0)),
                                "resumed": resume})
         self.trained.append(cell.cell_id)
+        if record is not None:
+            write_record(run_dir, record, self.spec.metrics)
         final = json.loads((run_dir / "final.json").read_text(encoding="utf-8"))
         return CellResult(cell, run_dir, final, float(json.loads(cell_path.read_text())["wall_seconds"]), False)
+
+    @staticmethod
+    def _reused(cell: Cell, folder: Path) -> CellResult:
+        cell_path = folder / CELL_FILE
+        wall = json.loads(cell_path.read_text())["wall_seconds"] if cell_path.exists() else float("nan")
+        final = json.loads((folder / "final.json").read_text(encoding="utf-8"))
+        return CellResult(cell, folder, final, wall, reused=True)
+
+    def is_done(self, cell: Cell) -> bool:
+        """Finished on disk (run directory or record); checked by file presence only (the ETA and --dry-run)."""
+        folders = [cell_dir(self.root, cell)]
+        if self.records is not None:
+            folders.append(self.records / cell_dir(self.root, cell).name)
+        return any((f / "final.json").exists() and (f / PER_USER_FILE).exists() for f in folders)
 
     def run(self, on_result: Callable[[CellResult], None] | None = None) -> list[CellResult]:
         results: list[CellResult] = []
         # Cells that look finished on disk are reused in seconds: the ETA counts only the others.
-        pending = [not ((cell_dir(self.root, c) / "final.json").exists()
-                        and (cell_dir(self.root, c) / PER_USER_FILE).exists()) for c in self.cells]
+        pending = [not self.is_done(c) for c in self.cells]
         trained_seconds: list[float] = []
         progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                             TimeElapsedColumn(), TextColumn("{task.fields[status]}"), console=console,

@@ -177,7 +177,7 @@ def test_keep_rows_joins_backbones_run_on_different_machines(tmp_path):
     gru_rows = [r for r in rows if r["backbone"] == "gru4rec"]
     assert gru_rows and all(r["n_seeds"] == 1 for r in gru_rows)
     table = (out / "joined.md").read_text()
-    assert "| SASRec | None |" in table or "| sasrec | None |" in table
+    assert "| sasrec | None |" in table  # the test grid gives sasrec no label
     assert "| GRU4Rec | None |" in table and "kept from an earlier invocation" in table
     assert "first command" in table and "second command" in table
     cells = json.loads((out / "joined.cells.json").read_text())

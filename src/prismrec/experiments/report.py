@@ -227,10 +227,13 @@ def load_carried_rows(out_dir: Path, name: str, rerun_backbones: Sequence[str]) 
                        [c for c in cells if c.get("backbone") not in rerun])
 
 
-def markdown_table(spec: ExperimentSpec, rows: Sequence[Row], results: Sequence[CellResult], dataset: str,
+def markdown_table(spec: ExperimentSpec, rows: Sequence[Row], records: Sequence[dict[str, Any]], dataset: str,
                    command: str, carried: CarriedRows | None = None) -> str:
-    """The paper's layout: backbone / method rows; per metric ours (sampled-100), paper, difference, ours (full)."""
-    seeds = sorted({r.cell.seed for r in results} | {int(c["seed"]) for c in (carried.cells if carried else [])})
+    """The paper's layout: backbone / method rows; per metric ours (sampled-100), paper, difference, ours (full).
+
+    ``records``: every cell behind ``rows`` (carried ones first), as :func:`cell_records` describes them.
+    """
+    seeds = sorted({int(r["seed"]) for r in records})
     lines = [f"# {spec.title or spec.name} ({dataset})", ""]
     if spec.description:
         lines += [spec.description.strip(), ""]
@@ -255,7 +258,6 @@ def markdown_table(spec: ExperimentSpec, rows: Sequence[Row], results: Sequence[
         lines += _metric_table(spec, rows, "longtail")
     lines += ["", "Wall-clock time per cell (training + evaluation; cells reused from earlier invocations keep the "
               "time recorded when they ran):", "", "| cell | seconds | run directory |", "|---|---|---|"]
-    records = [*(carried.cells if carried else []), *cell_records(results, command)]
     for record in records:
         seconds = record.get("seconds")
         lines.append(f"| {record['cell']} | {'' if seconds is None else f'{seconds:.1f}'} | `{record['run_dir']}` |")
@@ -331,11 +333,11 @@ def write_report(spec: ExperimentSpec, results: Sequence[CellResult], dataset: s
     directories) and the figures into ``out_dir``; ``carried`` rows (other backbones) are kept beside the new."""
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = [*(carried.rows if carried else []), *build_rows(spec, results, dataset)]
+    records = [*(carried.cells if carried else []), *cell_records(results, command)]
     table_path = out_dir / f"{spec.name}.md"
-    table_path.write_text(markdown_table(spec, rows, results, dataset, command, carried), encoding="utf-8")
+    table_path.write_text(markdown_table(spec, rows, records, dataset, command, carried), encoding="utf-8")
     json_path = out_dir / f"{spec.name}.json"
     json_path.write_text(json.dumps([r.to_json() for r in rows], indent=2, default=str) + "\n", encoding="utf-8")
-    records = [*(carried.cells if carried else []), *cell_records(results, command)]
     (out_dir / f"{spec.name}.cells.json").write_text(json.dumps(records, indent=2) + "\n", encoding="utf-8")
     figures = write_figures(spec, rows, out_dir)
     return {"table": table_path, "json": json_path, "figures": figures, "rows": rows}

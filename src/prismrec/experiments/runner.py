@@ -164,7 +164,7 @@ class ExperimentRunner:
         run_dir = cell_dir(self.root, cell)
         fingerprint = split.dataset.fingerprint
         cell_path = run_dir / CELL_FILE
-        record = self.records / run_dir.name if self.records is not None else None
+        record = self.record_dir(cell)
         if _finished(run_dir, cell.config, fingerprint):
             if not (run_dir / PER_USER_FILE).exists():
                 rescore(run_dir, cell.config, split)
@@ -198,12 +198,14 @@ class ExperimentRunner:
         final = json.loads((folder / "final.json").read_text(encoding="utf-8"))
         return CellResult(cell, folder, final, wall, reused=True)
 
+    def record_dir(self, cell: Cell) -> Path | None:
+        """Where the cell's record lives (named like its run directory); None without a records folder."""
+        return None if self.records is None else self.records / cell_dir(self.root, cell).name
+
     def is_done(self, cell: Cell) -> bool:
         """Finished on disk (run directory or record); checked by file presence only (the ETA and --dry-run)."""
-        folders = [cell_dir(self.root, cell)]
-        if self.records is not None:
-            folders.append(self.records / cell_dir(self.root, cell).name)
-        return any((f / "final.json").exists() and (f / PER_USER_FILE).exists() for f in folders)
+        folders = [cell_dir(self.root, cell), self.record_dir(cell)]
+        return any(f is not None and (f / "final.json").exists() and (f / PER_USER_FILE).exists() for f in folders)
 
     def run(self, on_result: Callable[[CellResult], None] | None = None) -> list[CellResult]:
         results: list[CellResult] = []

@@ -12,7 +12,14 @@ from safetensors.numpy import load_file as load_numpy
 from scipy import stats
 
 from prismrec.config import ConfigError
-from prismrec.experiments import expand_cells, load_experiment, paired_t_test, reproduce, restrict_backbones
+from prismrec.experiments import (
+    expand_cells,
+    load_experiment,
+    paired_t_test,
+    reproduce,
+    restrict_backbones,
+    restrict_methods,
+)
 from prismrec.experiments.runner import PER_USER_FILE
 
 from conftest import SHARED_DATA
@@ -98,6 +105,19 @@ def test_backbone_subset_keeps_cell_hashes(tmp_path):
     assert all(everything[c.cell_id] == c.config.config_hash() for c in subset)
     with pytest.raises(ConfigError, match="unknown backbone"):
         restrict_backbones(spec, ["sasrec", "transformer"])
+
+
+def test_method_subset_keeps_cell_hashes():
+    spec = load_experiment(CONFIGS / "experiments" / "table2.toml")
+    everything = {c.cell_id: c.config.config_hash() for c in expand_cells(spec, "movielens-small", [42])}
+    subset = expand_cells(restrict_methods(restrict_backbones(spec, ["bert4rec"]), ["None", "DMESR"]),
+                          "movielens-small", [42])
+    assert [(c.method, c.backbone) for c in subset] == [("None", "bert4rec"), ("DMESR", "bert4rec")]
+    # The proposed method and the plain backbone first; the rest of the grid later reuses these two cells.
+    assert all(everything[c.cell_id] == c.config.config_hash() for c in subset)
+    assert restrict_methods(spec, None) is spec
+    with pytest.raises(ConfigError, match=r"unknown method.*DMSER"):
+        restrict_methods(spec, ["DMSER"])
 
 
 def test_grid_runs_reuses_extends_and_reports(tmp_path):

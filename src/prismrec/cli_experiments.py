@@ -42,6 +42,8 @@ def reproduce(
     quiet: Annotated[bool, typer.Option(help="no progress view")] = False,
     backbones: Annotated[str | None, typer.Option(help="comma-separated subset of the experiment's backbones "
                                                   "(default: all)")] = None,
+    methods: Annotated[str | None, typer.Option(help="comma-separated subset of the experiment's methods "
+                                                "(default: all), e.g. None,DMESR first")] = None,
     keep_rows: Annotated[bool, typer.Option("--keep-rows", help="keep the rows of backbones not run now from the "
                                             "report already in --out (finish a grid backbone by backbone)")] = False,
     records: Annotated[Path | None, typer.Option(help="folder of cell records (results without weights, small "
@@ -49,17 +51,25 @@ def reproduce(
                                                  "copied to it, so they outlive the machine")] = None,
 ) -> None:
     """Run every cell of an experiment (reusing finished ones) and write table, JSON rows and figures."""
-    from prismrec.experiments import expand_cells, experiment_path, load_experiment, restrict_backbones
+    from prismrec.experiments import (
+        expand_cells,
+        experiment_path,
+        load_experiment,
+        restrict_backbones,
+        restrict_methods,
+    )
     from prismrec.experiments import reproduce as run_experiment
     from prismrec.experiments.runner import ExperimentRunner
 
     overrides = command_line_overrides(set_, data_dir)
     backbone_names = [b.strip() for b in backbones.split(",") if b.strip()] if backbones else None
+    method_names = [m.strip() for m in methods.split(",") if m.strip()] if methods else None
     command = " ".join(shlex.quote(a) for a in ["prismrec", *sys.argv[1:]]) if sys.argv[1:2] == ["reproduce"] \
         else f"prismrec reproduce {experiment} --dataset {dataset}"
     try:
         if dry_run:
-            spec = restrict_backbones(load_experiment(experiment_path(experiment)), backbone_names)
+            spec = restrict_methods(restrict_backbones(load_experiment(experiment_path(experiment)), backbone_names),
+                                    method_names)
             cells = expand_cells(spec, dataset, _seeds(seeds), overrides)
             checker = ExperimentRunner(spec, cells, records=records)
             done = 0
@@ -70,7 +80,8 @@ def reproduce(
             console.print(f"{len(cells)} cells: {done} done, {len(cells) - done} left")
             return
         report = run_experiment(experiment, dataset, _seeds(seeds), overrides, out_dir=out, command=command,
-                                quiet=quiet, backbones=backbone_names, keep_rows=keep_rows, records=records)
+                                quiet=quiet, backbones=backbone_names, keep_rows=keep_rows, records=records,
+                                methods=method_names)
     except (ConfigError, DataError, ValueError, FileNotFoundError) as exc:
         console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2) from None

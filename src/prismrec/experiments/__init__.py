@@ -14,10 +14,18 @@ from prismrec.config import ConfigError
 from prismrec.data.paths import output_dir
 from prismrec.experiments.report import load_carried_rows, paired_t_test, write_report
 from prismrec.experiments.runner import CellResult, ExperimentRunner
-from prismrec.experiments.spec import Cell, ExperimentSpec, expand_cells, load_experiment, restrict_backbones
+from prismrec.experiments.spec import (
+    Cell,
+    ExperimentSpec,
+    expand_cells,
+    load_experiment,
+    restrict_backbones,
+    restrict_methods,
+)
 
 __all__ = ["Cell", "CellResult", "ExperimentRunner", "ExperimentSpec", "expand_cells", "experiment_path",
-           "load_experiment", "paired_t_test", "reproduce", "restrict_backbones", "write_report"]
+           "load_experiment", "paired_t_test", "reproduce", "restrict_backbones", "restrict_methods",
+           "write_report"]
 
 EXPERIMENTS_DIR = Path(__file__).resolve().parents[3] / "configs" / "experiments"
 
@@ -40,16 +48,19 @@ def experiment_path(name_or_path: str) -> Path:
 def reproduce(experiment: str | Path, dataset: str, seeds: Sequence[int] | None = None,
               overrides: Sequence[str] = (), out_dir: Path | None = None, runs_root: Path | None = None,
               command: str = "", quiet: bool = False, backbones: Sequence[str] | None = None,
-              keep_rows: bool = False, records: Path | None = None) -> dict[str, Any]:
+              keep_rows: bool = False, records: Path | None = None,
+              methods: Sequence[str] | None = None) -> dict[str, Any]:
     """Run (or reuse) every cell of an experiment and write its report; returns the report's paths and rows.
 
     ``keep_rows``: keep the rows of the backbones *not* run now from the report already in the output folder
     (a grid finished backbone by backbone, on different machines or days, ends in one table).
     ``records``: a folder of cell records (see :mod:`.runner`) reused and extended, so finished cells
     outlive the machine.
+    ``methods``: run (and report) only these methods; the cells are the whole grid's, so a later run over every
+    method reuses them.
     """
     full_spec = load_experiment(experiment_path(str(experiment)))
-    spec = restrict_backbones(full_spec, backbones)
+    spec = restrict_methods(restrict_backbones(full_spec, backbones), methods)
     cells = expand_cells(spec, dataset, seeds, overrides)
     out = out_dir or output_dir("reports") / spec.name
     carried = load_carried_rows(out, spec.name, [b.name for b in spec.backbones]) if keep_rows else None

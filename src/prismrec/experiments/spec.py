@@ -135,6 +135,25 @@ def restrict_backbones(spec: ExperimentSpec, backbones: Sequence[str] | None) ->
     return spec.model_copy(update={"backbones": kept})
 
 
+def restrict_methods(spec: ExperimentSpec, methods: Sequence[str] | None) -> ExperimentSpec:
+    """The experiment on a subset of its methods (``--methods``), e.g. the proposed method and the plain backbone
+    first when a sitting cannot hold the whole grid.
+
+    Cells keep their config hashes, so a later run over all methods reuses the finished ones. The report of a
+    restricted run has only these methods' rows, and the significance test compares the proposed method with
+    the best baseline *among them*.
+    """
+    if not methods:
+        return spec
+    known = [m.name for m in spec.methods]
+    unknown = [name for name in methods if name not in known]
+    if unknown:
+        raise ConfigError(f"experiment {spec.name}: unknown method(s) {', '.join(unknown)}; "
+                          f"it has {', '.join(known)}")
+    kept = [m for m in spec.methods if m.name in methods]
+    return spec.model_copy(update={"methods": kept})
+
+
 def _fill(text: str, backbone: str, dataset: str) -> str:
     return text.replace("{backbone}", backbone).replace("{dataset}", dataset)
 

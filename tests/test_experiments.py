@@ -199,6 +199,8 @@ def test_keep_rows_joins_backbones_run_on_different_machines(tmp_path):
     table = (out / "joined.md").read_text()
     assert "| sasrec | None |" in table  # the test grid gives sasrec no label
     assert "| GRU4Rec | None |" in table and "kept from an earlier invocation" in table
+    gru_none = next(r for r in gru_rows if (r["method"], r["metric"], r["mode"]) == ("None", "hit@10", "sampled"))
+    assert f"| GRU4Rec | None | {gru_none['mean']:.4f} (1 seed) |" in table  # no "± 0.0000" for one seed
     assert "first command" in table and "second command" in table
     cells = json.loads((out / "joined.cells.json").read_text())
     assert [c["cell"] for c in cells] == [*(r.cell.cell_id for r in first["results"]),

@@ -183,7 +183,9 @@ def _metric_table(spec: ExperimentSpec, rows: Sequence[Row], subset: str) -> lis
                     cells += ["", "", ""] if mode == "sampled" else [""]
                     continue
                 star = "*" if row.p_value is not None and row.p_value < 0.05 else ""
-                value = f"{row.mean:.4f} ± {row.std:.4f}{star}"
+                # One seed has no spread: say so rather than print a std of 0.
+                spread = " (1 seed)" if row.n_seeds == 1 else f" ± {row.std:.4f}"
+                value = f"{row.mean:.4f}{spread}{star}"
                 cells += [value, _fmt(row.paper), _signed(row.diff)] if mode == "sampled" else [value]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
@@ -245,7 +247,8 @@ def markdown_table(spec: ExperimentSpec, rows: Sequence[Row], records: Sequence[
                   "backbone's rows and p-values come from one invocation's cells):", "", "```bash", *earlier,
                   "```", ""]
     lines += [
-              f"Test split, best validation checkpoint, mean ± std over seeds {', '.join(map(str, seeds))}. "
+              f"Test split, best validation checkpoint, mean ± std over seeds {', '.join(map(str, seeds))} "
+              "(a row run on fewer seeds says so; `n_seeds` in the JSON rows). "
               "s100: the paper's protocol (positive + 100 sampled negatives); full: ranked against every item. "
               "paper: the published value (sampled protocol), Δ = ours − paper. "
               f"`*`: {spec.proposed} differs from the best baseline of the same backbone (two-sided paired t-test "

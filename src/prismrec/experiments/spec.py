@@ -119,20 +119,26 @@ def load_experiment(path: Path | str) -> ExperimentSpec:
     return spec
 
 
+def _restrict(spec: ExperimentSpec, field: Literal["backbones", "methods"],
+              names: Sequence[str] | None) -> ExperimentSpec:
+    """``spec`` with only the named entries of ``field``, in the experiment's order; unknown names are an error."""
+    if not names:
+        return spec
+    entries = getattr(spec, field)
+    known = [entry.name for entry in entries]
+    unknown = [name for name in names if name not in known]
+    if unknown:
+        raise ConfigError(f"experiment {spec.name}: unknown {field[:-1]}(s) {', '.join(unknown)}; "
+                          f"it has {', '.join(known)}")
+    return spec.model_copy(update={field: [entry for entry in entries if entry.name in names]})
+
+
 def restrict_backbones(spec: ExperimentSpec, backbones: Sequence[str] | None) -> ExperimentSpec:
     """The experiment on a subset of its backbones (``--backbones``), e.g. to run a grid one backbone at a time.
 
     Cells keep their config hashes, so a later run over all backbones reuses the finished ones.
     """
-    if not backbones:
-        return spec
-    known = [b.name for b in spec.backbones]
-    unknown = [name for name in backbones if name not in known]
-    if unknown:
-        raise ConfigError(f"experiment {spec.name}: unknown backbone(s) {', '.join(unknown)}; "
-                          f"it has {', '.join(known)}")
-    kept = [b for b in spec.backbones if b.name in backbones]
-    return spec.model_copy(update={"backbones": kept})
+    return _restrict(spec, "backbones", backbones)
 
 
 def restrict_methods(spec: ExperimentSpec, methods: Sequence[str] | None) -> ExperimentSpec:
@@ -143,15 +149,7 @@ def restrict_methods(spec: ExperimentSpec, methods: Sequence[str] | None) -> Exp
     restricted run has only these methods' rows, and the significance test compares the proposed method with
     the best baseline *among them*.
     """
-    if not methods:
-        return spec
-    known = [m.name for m in spec.methods]
-    unknown = [name for name in methods if name not in known]
-    if unknown:
-        raise ConfigError(f"experiment {spec.name}: unknown method(s) {', '.join(unknown)}; "
-                          f"it has {', '.join(known)}")
-    kept = [m for m in spec.methods if m.name in methods]
-    return spec.model_copy(update={"methods": kept})
+    return _restrict(spec, "methods", methods)
 
 
 def _fill(text: str, backbone: str, dataset: str) -> str:

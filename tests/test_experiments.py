@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import textwrap
 from pathlib import Path
 
@@ -20,7 +22,7 @@ from prismrec.experiments import (
     restrict_backbones,
     restrict_methods,
 )
-from prismrec.experiments.runner import PER_USER_FILE
+from prismrec.experiments.runner import PER_USER_FILE, CellBusyError, cell_dir
 
 from conftest import SHARED_DATA
 
@@ -312,3 +314,29 @@ def test_cli_on_the_yelp_fixture(tmp_path):
     assert "--dataset yelp" in (tmp_path / "out" / "yelp-tiny.md").read_text()
     dry = CliRunner().invoke(app, [*args, "--dry-run"])
     assert dry.exit_code == 0 and "4 cells: 4 done, 0 left" in dry.output
+
+
+def test_a_cell_another_process_is_training_is_not_trained_twice(tmp_path):
+    """Two invocations whose grids overlap must not train one cell into one directory at the same time (the
+    second would resume from the first's checkpoint and replace its log under it): the second stops with an
+    error naming the cell and the process holding it, and trains once the first is done."""
+    path = _experiment(tmp_path, "tiny", GRID.format(tiny=json.dumps(TINY)))
+    runs = tmp_path / "runs"
+    first = expand_cells(load_experiment(path), "movielens-small", [42])[0]
+    busy = cell_dir(runs, first)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from pathlib import Path; "
+         "from prismrec.experiments.runner import cell_lock\n"
+         "with cell_lock(Path(sys.argv[1])):\n    print('locked', flush=True); time.sleep(120)", str(busy)],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(CellBusyError, match=rf"{first.cell_id}.*pid {holder.pid}"):
+            reproduce(path, "movielens-small", seeds=[42], out_dir=tmp_path / "report", runs_root=runs, quiet=True)
+        assert not (busy / "metrics.jsonl").exists()  # nothing written into the other process's cell
+    finally:
+        holder.kill()
+        holder.wait()
+    # The lock dies with its process: no stale lock to clear by hand.
+    done = reproduce(path, "movielens-small", seeds=[42], out_dir=tmp_path / "report", runs_root=runs, quiet=True)
+    assert first.cell_id in done["trained"] and (busy / "final.json").exists()

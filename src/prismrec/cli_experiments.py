@@ -59,7 +59,7 @@ def reproduce(
         restrict_methods,
     )
     from prismrec.experiments import reproduce as run_experiment
-    from prismrec.experiments.runner import ExperimentRunner
+    from prismrec.experiments.runner import CellBusyError, ExperimentRunner
 
     overrides = command_line_overrides(set_, data_dir)
     backbone_names = [b.strip() for b in backbones.split(",") if b.strip()] if backbones else None
@@ -82,7 +82,7 @@ def reproduce(
         report = run_experiment(experiment, dataset, _seeds(seeds), overrides, out_dir=out, command=command,
                                 quiet=quiet, backbones=backbone_names, keep_rows=keep_rows, records=records,
                                 methods=method_names)
-    except (ConfigError, DataError, ValueError, FileNotFoundError) as exc:
+    except (ConfigError, DataError, ValueError, FileNotFoundError, CellBusyError) as exc:
         console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2) from None
     console.print(f"{len(report['results'])} cells ({len(report['trained'])} trained now, "

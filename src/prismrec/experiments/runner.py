@@ -16,10 +16,12 @@ kilobytes each, small enough to commit next to the report.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,6 +52,7 @@ from prismrec.training.trainer import (
 console = Console()
 PER_USER_FILE = "per_user.safetensors"
 CELL_FILE = "cell.json"
+LOCK_FILE = ".lock"
 LONGTAIL_SHARE = 0.8  # paper Figure 2: targets among the last 80% of items by training popularity
 
 
@@ -140,6 +143,45 @@ def _finished(run_dir: Path, config: RunConfig, fingerprint: str) -> bool:
     return meta.get("config_hash") == config.config_hash() and meta.get("data_fingerprint") == fingerprint
 
 
+class CellBusyError(RuntimeError):
+    """Another process is training this cell now (two invocations whose grids overlap)."""
+
+
+@contextlib.contextmanager
+def cell_lock(run_dir: Path) -> Iterator[None]:
+    """Hold an exclusive lock on a cell's run directory while it trains.
+
+    Two ``reproduce`` invocations whose grids overlap (say, one per seed and one over every seed) would
+    otherwise both train the same cell into one directory: the second resumes from the first's checkpoint and
+    replaces its log under it. The lock is advisory (``flock``), released when the process dies, so a killed
+    run never leaves a stale lock; where ``fcntl`` is missing (Windows) there is no lock.
+    """
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not on the platforms CI runs
+        yield
+        return
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / LOCK_FILE
+    with path.open("a+", encoding="utf-8") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            raise CellBusyError(f"cell {run_dir.name} is being trained by {holder} (lock {path}); run the "
+                                "overlapping invocations one after the other, or give them disjoint "
+                                "--seeds/--methods/--backbones") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()}\n")
+        handle.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 class ExperimentRunner:
     """Executes the cells of one experiment in order, reusing what is already done."""
 
@@ -173,18 +215,21 @@ class ExperimentRunner:
             return self._reused(cell, run_dir)
         if record is not None and _finished(record, cell.config, fingerprint) and (record / PER_USER_FILE).exists():
             return self._reused(cell, record)
-        resume = (run_dir / "meta.json").exists() and (run_dir / LAST_CHECKPOINT).exists()
-        start = time.perf_counter()
-        trainer = Trainer(cell.config, split=split, run_dir=run_dir, quiet=True, resume=resume)
-        trainer.fit()
-        save_per_user(run_dir, trainer.model, trainer.evaluators, split)
-        wall = time.perf_counter() - start
-        previous = json.loads(cell_path.read_text()) if cell_path.exists() else {}
-        write_json(cell_path, {"experiment": self.spec.name, "method": cell.method, "backbone": cell.backbone,
-                               "seed": cell.seed, "axes": dict(cell.axis_values), "setting": cell.setting,
-                               "config_hash": cell.config.config_hash(), "data_fingerprint": fingerprint,
-                               "wall_seconds": wall + float(previous.get("wall_seconds", 0.0)),
-                               "resumed": resume})
+        with cell_lock(run_dir):
+            if _finished(run_dir, cell.config, fingerprint):  # finished by another process since the check above
+                return self.run_cell(cell)
+            resume = (run_dir / "meta.json").exists() and (run_dir / LAST_CHECKPOINT).exists()
+            start = time.perf_counter()
+            trainer = Trainer(cell.config, split=split, run_dir=run_dir, quiet=True, resume=resume)
+            trainer.fit()
+            save_per_user(run_dir, trainer.model, trainer.evaluators, split)
+            wall = time.perf_counter() - start
+            previous = json.loads(cell_path.read_text()) if cell_path.exists() else {}
+            write_json(cell_path, {"experiment": self.spec.name, "method": cell.method, "backbone": cell.backbone,
+                                   "seed": cell.seed, "axes": dict(cell.axis_values), "setting": cell.setting,
+                                   "config_hash": cell.config.config_hash(), "data_fingerprint": fingerprint,
+                                   "wall_seconds": wall + float(previous.get("wall_seconds", 0.0)),
+                                   "resumed": resume})
         self.trained.append(cell.cell_id)
         if record is not None:
             write_record(run_dir, record, self.spec.metrics)

@@ -26,6 +26,12 @@ def _seeds(text: str | None) -> list[int] | None:
         raise typer.BadParameter(f"--seeds must be comma-separated integers, got {text!r}") from None
 
 
+def _names(text: str | None) -> list[str] | None:
+    """A comma-separated option (``--backbones``, ``--methods``) as a list; None (everything) when not given."""
+    names = [n.strip() for n in text.split(",") if n.strip()] if text else []
+    return names or None
+
+
 @app.command()
 def reproduce(
     experiment: Annotated[str, typer.Argument(help="table2, table3, longtail, alpha, dim, mllm (a file in "
@@ -62,8 +68,7 @@ def reproduce(
     from prismrec.experiments.runner import CellBusyError, ExperimentRunner
 
     overrides = command_line_overrides(set_, data_dir)
-    backbone_names = [b.strip() for b in backbones.split(",") if b.strip()] if backbones else None
-    method_names = [m.strip() for m in methods.split(",") if m.strip()] if methods else None
+    backbone_names, method_names = _names(backbones), _names(methods)
     command = " ".join(shlex.quote(a) for a in ["prismrec", *sys.argv[1:]]) if sys.argv[1:2] == ["reproduce"] \
         else f"prismrec reproduce {experiment} --dataset {dataset}"
     try:

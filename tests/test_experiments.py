@@ -22,7 +22,7 @@ from prismrec.experiments import (
     restrict_backbones,
     restrict_methods,
 )
-from prismrec.experiments.runner import PER_USER_FILE, CellBusyError, cell_dir
+from prismrec.experiments.runner import PER_USER_FILE, CellBusyError, NotFinishedError, cell_dir
 
 from conftest import SHARED_DATA
 
@@ -138,9 +138,25 @@ def test_grid_runs_reuses_extends_and_reports(tmp_path):
     assert second["trained"] == []
     assert {r.cell.cell_id: (r.run_dir / "model.safetensors").stat().st_mtime_ns
             for r in second["results"]} == checkpoints
-    # Extended by a seed: only the two new cells train.
+    # Extended by a seed, one method first; a report of what is finished so far trains nothing and says what
+    # it left out.
+    partial = reproduce(path, "movielens-small", seeds=[44], methods=["None"], out_dir=tmp_path / "partial",
+                        runs_root=runs, quiet=True)
+    assert partial["trained"] == ["None-sasrec-s44"]
+    so_far = reproduce(path, "movielens-small", seeds=[42, 43, 44], out_dir=tmp_path / "so-far", runs_root=runs,
+                       quiet=True, finished_only=True)
+    assert so_far["trained"] == [] and [c.cell_id for c in so_far["missing"]] == ["GRU-sasrec-s44"]
+    assert len(so_far["results"]) == 5
+    seeds_per_row = {(r.method, r.mode, r.subset): r.n_seeds for r in so_far["rows"] if r.metric == "hit@10"}
+    assert seeds_per_row[("None", "sampled", "all")] == 3 and seeds_per_row[("GRU", "sampled", "all")] == 2
+    partial_table = (tmp_path / "so-far" / "tiny.md").read_text()
+    gru_hit = next(r for r in so_far["rows"] if (r.method, r.metric, r.mode, r.subset) == ("GRU", "hit@10", "sampled",
+                                                                                             "all"))
+    assert f"{gru_hit.mean:.4f} ± {gru_hit.std:.4f} (2 seeds)" in partial_table
+    assert "Not finished yet: 1 cell(s)" in partial_table and "GRU-sasrec-s44" in partial_table
+    # Extended by the seed: only the cell still missing trains.
     third = reproduce(path, "movielens-small", seeds=[42, 43, 44], out_dir=out, runs_root=runs, quiet=True)
-    assert sorted(third["trained"]) == ["GRU-sasrec-s44", "None-sasrec-s44"]
+    assert third["trained"] == ["GRU-sasrec-s44"]
 
     rows = json.loads((out / "tiny.json").read_text())
     assert {tuple(sorted(k for k in row if k in {"backbone", "method", "metric", "mode", "mean", "std", "paper",
@@ -175,7 +191,7 @@ def test_grid_runs_reuses_extends_and_reports(tmp_path):
     gru_line = next(line for line in table.splitlines() if line.startswith("| sasrec | GRU |"))
     star = "*" if gru_ndcg["p_value"] < 0.05 else ""
     assert f"{gru_ndcg['mean']:.4f} ± {gru_ndcg['std']:.4f}{star} |" in gru_line
-    assert "GRU-sasrec-s44" in table  # wall time per cell
+    assert "GRU-sasrec-s44" in table and "Not finished" not in table  # wall time per cell
     for figure in ("longtail.png", "tiny.png"):
         assert (out / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -215,6 +231,18 @@ def test_keep_rows_joins_backbones_run_on_different_machines(tmp_path):
                       quiet=True, backbones=["gru4rec"])
     assert third["trained"] == []
     assert {r["backbone"] for r in json.loads((out / "joined.json").read_text())} == {"gru4rec"}
+
+    # --finished-only trains nothing: a seed with no finished cell has nothing to report, and a cell whose
+    # files are for other data (here its recorded fingerprint edited) is an error, not a silent retrain.
+    with pytest.raises(ValueError, match=r"no finished cells to report.*2 not finished"):
+        reproduce(path, "movielens-small", seeds=[43], out_dir=tmp_path / "none", runs_root=tmp_path / "machine-b",
+                  quiet=True, backbones=["gru4rec"], finished_only=True)
+    meta_path = third["results"][0].run_dir / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    meta_path.write_text(json.dumps({**meta, "data_fingerprint": "other data"}))
+    with pytest.raises(NotFinishedError, match="rerun without --finished-only"):
+        reproduce(path, "movielens-small", seeds=[42], out_dir=tmp_path / "none", runs_root=tmp_path / "machine-b",
+                  quiet=True, backbones=["gru4rec"], finished_only=True)
 
 
 def test_cell_records_outlive_the_run_directories(tmp_path):

@@ -55,6 +55,9 @@ def reproduce(
     records: Annotated[Path | None, typer.Option(help="folder of cell records (results without weights, small "
                                                  "enough to commit): finished cells are reused from it and "
                                                  "copied to it, so they outlive the machine")] = None,
+    finished_only: Annotated[bool, typer.Option("--finished-only", help="train nothing: report the cells "
+                                                "already finished and list the rest (a table part-way "
+                                                "through a long grid)")] = False,
 ) -> None:
     """Run every cell of an experiment (reusing finished ones) and write table, JSON rows and figures."""
     from prismrec.experiments import (
@@ -65,7 +68,7 @@ def reproduce(
         restrict_methods,
     )
     from prismrec.experiments import reproduce as run_experiment
-    from prismrec.experiments.runner import CellBusyError, ExperimentRunner
+    from prismrec.experiments.runner import CellBusyError, ExperimentRunner, NotFinishedError
 
     overrides = command_line_overrides(set_, data_dir)
     backbone_names, method_names = _names(backbones), _names(methods)
@@ -86,12 +89,13 @@ def reproduce(
             return
         report = run_experiment(experiment, dataset, _seeds(seeds), overrides, out_dir=out, command=command,
                                 quiet=quiet, backbones=backbone_names, keep_rows=keep_rows, records=records,
-                                methods=method_names)
-    except (ConfigError, DataError, ValueError, FileNotFoundError, CellBusyError) as exc:
+                                methods=method_names, finished_only=finished_only)
+    except (ConfigError, DataError, ValueError, FileNotFoundError, CellBusyError, NotFinishedError) as exc:
         console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2) from None
     console.print(f"{len(report['results'])} cells ({len(report['trained'])} trained now, "
-                  f"{len(report['results']) - len(report['trained'])} reused)")
+                  f"{len(report['results']) - len(report['trained'])} reused"
+                  + (f", {len(report['missing'])} not finished and left out)" if finished_only else ")"))
     console.print(f"table:   {report['table']}\nrows:    {report['json']}")
     for figure in report["figures"]:
         console.print(f"figure:  {figure}")

@@ -49,7 +49,7 @@ def reproduce(experiment: str | Path, dataset: str, seeds: Sequence[int] | None 
               overrides: Sequence[str] = (), out_dir: Path | None = None, runs_root: Path | None = None,
               command: str = "", quiet: bool = False, backbones: Sequence[str] | None = None,
               keep_rows: bool = False, records: Path | None = None,
-              methods: Sequence[str] | None = None) -> dict[str, Any]:
+              methods: Sequence[str] | None = None, finished_only: bool = False) -> dict[str, Any]:
     """Run (or reuse) every cell of an experiment and write its report; returns the report's paths and rows.
 
     ``keep_rows``: keep the rows of the backbones *not* run now from the report already in the output folder
@@ -58,14 +58,18 @@ def reproduce(experiment: str | Path, dataset: str, seeds: Sequence[int] | None 
     outlive the machine.
     ``methods``: run (and report) only these methods; the cells are the whole grid's, so a later run over every
     method reuses them.
+    ``finished_only``: train nothing; report the cells already finished (run directories or records) and name
+    the rest (``missing`` in the result), e.g. a table part-way through a grid other processes still train.
     """
     full_spec = load_experiment(experiment_path(str(experiment)))
     spec = restrict_methods(restrict_backbones(full_spec, backbones), methods)
     cells = expand_cells(spec, dataset, seeds, overrides)
     out = out_dir or output_dir("reports") / spec.name
     carried = load_carried_rows(out, spec.name, [b.name for b in spec.backbones]) if keep_rows else None
-    runner = ExperimentRunner(spec, cells, runs_root=runs_root, quiet=quiet, records=records)
+    runner = ExperimentRunner(spec, cells, runs_root=runs_root, quiet=quiet, records=records,
+                              finished_only=finished_only)
     results = runner.run()
     report = write_report(full_spec if carried else spec, results, dataset, out,
-                          command or f"prismrec reproduce {spec.name} --dataset {dataset}", carried)
-    return {**report, "results": results, "trained": list(runner.trained), "spec": spec}
+                          command or f"prismrec reproduce {spec.name} --dataset {dataset}", carried, runner.missing)
+    return {**report, "results": results, "trained": list(runner.trained), "missing": list(runner.missing),
+            "spec": spec}

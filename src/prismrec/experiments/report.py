@@ -21,7 +21,7 @@ from scipy import stats
 
 from prismrec.experiments.paper import paper_value
 from prismrec.experiments.runner import LONGTAIL_SHARE, CellResult
-from prismrec.experiments.spec import ExperimentSpec
+from prismrec.experiments.spec import Cell, ExperimentSpec
 
 MODES = ("sampled", "full")
 SUBSETS = ("all", "longtail")
@@ -158,8 +158,9 @@ def _signed(value: float | None) -> str:
     return "" if value is None else f"{value:+.4f}"
 
 
-def _metric_table(spec: ExperimentSpec, rows: Sequence[Row], subset: str) -> list[str]:
-    """Markdown rows of the paper's layout for one user subset (``all`` or ``longtail``)."""
+def _metric_table(spec: ExperimentSpec, rows: Sequence[Row], subset: str, n_seeds: int = 0) -> list[str]:
+    """Markdown rows of the paper's layout for one user subset (``all`` or ``longtail``); a row over fewer
+    than ``n_seeds`` seeds (the report's count) says how many it has."""
     label = {m.name: m.shown for m in spec.methods}
     backbone_label = {b.name: b.shown for b in spec.backbones}
     table = {(r.backbone, r.method, tuple(sorted(r.axes.items())), r.metric, r.mode): r
@@ -185,6 +186,8 @@ def _metric_table(spec: ExperimentSpec, rows: Sequence[Row], subset: str) -> lis
                 star = "*" if row.p_value is not None and row.p_value < 0.05 else ""
                 # One seed has no spread: say so rather than print a std of 0.
                 spread = " (1 seed)" if row.n_seeds == 1 else f" ± {row.std:.4f}"
+                if 1 < row.n_seeds < n_seeds:
+                    spread += f" ({row.n_seeds} seeds)"
                 value = f"{row.mean:.4f}{spread}{star}"
                 cells += [value, _fmt(row.paper), _signed(row.diff)] if mode == "sampled" else [value]
         lines.append("| " + " | ".join(cells) + " |")
@@ -230,10 +233,11 @@ def load_carried_rows(out_dir: Path, name: str, rerun_backbones: Sequence[str]) 
 
 
 def markdown_table(spec: ExperimentSpec, rows: Sequence[Row], records: Sequence[dict[str, Any]], dataset: str,
-                   command: str, carried: CarriedRows | None = None) -> str:
+                   command: str, carried: CarriedRows | None = None, missing: Sequence[Cell] = ()) -> str:
     """The paper's layout: backbone / method rows; per metric ours (sampled-100), paper, difference, ours (full).
 
     ``records``: every cell behind ``rows`` (carried ones first), as :func:`cell_records` describes them.
+    ``missing``: cells of the grid not finished yet (``--finished-only``), listed under the tables.
     """
     seeds = sorted({int(r["seed"]) for r in records})
     lines = [f"# {spec.title or spec.name} ({dataset})", ""]
@@ -253,12 +257,16 @@ def markdown_table(spec: ExperimentSpec, rows: Sequence[Row], records: Sequence[
               "paper: the published value (sampled protocol), Δ = ours − paper. "
               f"`*`: {spec.proposed} differs from the best baseline of the same backbone (two-sided paired t-test "
               "over per-user test metrics of matching seeds, p < 0.05); p-values in the JSON rows.", ""]
-    lines += _metric_table(spec, rows, "all")
+    lines += _metric_table(spec, rows, "all", len(seeds))
     if "longtail" in spec.figures:
         lines += ["", f"Long-tail users only (test target among the {LONGTAIL_SHARE:.0%} least popular items by "
                   "training interactions, paper Figure 2); the paper publishes no numbers for them, so its "
                   "columns are empty:", ""]
-        lines += _metric_table(spec, rows, "longtail")
+        lines += _metric_table(spec, rows, "longtail", len(seeds))
+    if missing:
+        lines += ["", f"Not finished yet: {len(missing)} cell(s) of this grid are left out of the rows above (report "
+                  "written with `--finished-only`; rerun without it to train them):", "",
+                  ", ".join(c.cell_id for c in missing)]
     lines += ["", "Wall-clock time per cell (training + evaluation; cells reused from earlier invocations keep the "
               "time recorded when they ran):", "", "| cell | seconds | run directory |", "|---|---|---|"]
     for record in records:
@@ -331,14 +339,18 @@ def write_figures(spec: ExperimentSpec, rows: Sequence[Row], out_dir: Path) -> l
 
 
 def write_report(spec: ExperimentSpec, results: Sequence[CellResult], dataset: str, out_dir: Path,
-                 command: str, carried: CarriedRows | None = None) -> dict[str, Any]:
+                 command: str, carried: CarriedRows | None = None, missing: Sequence[Cell] = ()) -> dict[str, Any]:
     """Write ``<name>.md``, ``<name>.json`` (the rows), ``<name>.cells.json`` (cell times and run
-    directories) and the figures into ``out_dir``; ``carried`` rows (other backbones) are kept beside the new."""
+    directories) and the figures into ``out_dir``; ``carried`` rows (other backbones) are kept beside the new,
+    ``missing`` cells (not finished, ``--finished-only``) are named in the markdown."""
+    if not results and not (carried and carried.rows):
+        raise ValueError(f"no finished cells to report for {spec.name}"
+                         + (f" ({len(missing)} not finished)" if missing else ""))
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = [*(carried.rows if carried else []), *build_rows(spec, results, dataset)]
     records = [*(carried.cells if carried else []), *cell_records(results, command)]
     table_path = out_dir / f"{spec.name}.md"
-    table_path.write_text(markdown_table(spec, rows, records, dataset, command, carried), encoding="utf-8")
+    table_path.write_text(markdown_table(spec, rows, records, dataset, command, carried, missing), encoding="utf-8")
     json_path = out_dir / f"{spec.name}.json"
     json_path.write_text(json.dumps([r.to_json() for r in rows], indent=2, default=str) + "\n", encoding="utf-8")
     (out_dir / f"{spec.name}.cells.json").write_text(json.dumps(records, indent=2) + "\n", encoding="utf-8")

@@ -147,6 +147,10 @@ class CellBusyError(RuntimeError):
     """Another process is training this cell now (two invocations whose grids overlap)."""
 
 
+class NotFinishedError(RuntimeError):
+    """``finished_only``: a cell would have to train (its files are on disk but for other data)."""
+
+
 @contextlib.contextmanager
 def cell_lock(run_dir: Path) -> Iterator[None]:
     """Hold an exclusive lock on a cell's run directory while it trains.
@@ -186,7 +190,7 @@ class ExperimentRunner:
     """Executes the cells of one experiment in order, reusing what is already done."""
 
     def __init__(self, spec: ExperimentSpec, cells: Sequence[Cell], runs_root: Path | None = None,
-                 quiet: bool = False, records: Path | None = None) -> None:
+                 quiet: bool = False, records: Path | None = None, finished_only: bool = False) -> None:
         self.spec = spec
         self.cells = list(cells)
         self.root = runs_root or runs_root_default()
@@ -194,6 +198,10 @@ class ExperimentRunner:
         self.records = records
         self._splits: dict[str, LeaveOneOutSplit] = {}
         self.trained: list[str] = []  # cell ids trained (not reused) by this runner
+        # finished_only: reuse what is finished, train nothing; the cells skipped are listed in ``missing``
+        # (a report of a long grid part-way through, say while other processes still train the rest).
+        self.finished_only = finished_only
+        self.missing: list[Cell] = []
 
     def split_for(self, config: RunConfig) -> LeaveOneOutSplit:
         key = json.dumps(config.data.model_dump(mode="json"), sort_keys=True)
@@ -215,6 +223,10 @@ class ExperimentRunner:
             return self._reused(cell, run_dir)
         if record is not None and _finished(record, cell.config, fingerprint) and (record / PER_USER_FILE).exists():
             return self._reused(cell, record)
+        if self.finished_only:
+            raise NotFinishedError(f"cell {cell.cell_id}: {run_dir} holds results for another config or other "
+                                   f"data (fingerprint now {fingerprint}); rerun without --finished-only to "
+                                   "retrain it")
         with cell_lock(run_dir):
             if _finished(run_dir, cell.config, fingerprint):  # finished by another process since the check above
                 return self.run_cell(cell)
@@ -256,6 +268,10 @@ class ExperimentRunner:
         results: list[CellResult] = []
         # Cells that look finished on disk are reused in seconds: the ETA counts only the others.
         pending = [not self.is_done(c) for c in self.cells]
+        skip = [todo and self.finished_only for todo in pending]
+        self.missing = [c for c, skipped in zip(self.cells, skip, strict=True) if skipped]
+        if self.finished_only:
+            pending = [False] * len(pending)
         trained_seconds: list[float] = []
         progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                             TimeElapsedColumn(), TextColumn("{task.fields[status]}"), console=console,
@@ -265,6 +281,9 @@ class ExperimentRunner:
             task = progress.add_task(f"{self.spec.name}", total=total, status="")
             for index, cell in enumerate(self.cells):
                 left = total - index - 1
+                if skip[index]:
+                    progress.update(task, advance=1)
+                    continue
                 eta = _eta(trained_seconds, sum(pending[index:]))
                 progress.update(task, status=f"done {index}  running 1 ({cell.cell_id})  left {left}  ETA {eta}")
                 result = self.run_cell(cell)
@@ -275,7 +294,8 @@ class ExperimentRunner:
                     on_result(result)
                 progress.update(task, advance=1)
             progress.update(task, status=f"done {total}  running 0  left 0  ({len(self.trained)} trained, "
-                                         f"{total - len(self.trained)} reused)")
+                                         f"{len(results) - len(self.trained)} reused, "
+                                         f"{len(self.missing)} not finished)")
         return results
 
 

@@ -268,10 +268,8 @@ class ExperimentRunner:
         results: list[CellResult] = []
         # Cells that look finished on disk are reused in seconds: the ETA counts only the others.
         pending = [not self.is_done(c) for c in self.cells]
-        skip = [todo and self.finished_only for todo in pending]
-        self.missing = [c for c, skipped in zip(self.cells, skip, strict=True) if skipped]
-        if self.finished_only:
-            pending = [False] * len(pending)
+        # finished_only: the pending cells are left out, not trained (the ETA then stays "?": nothing trains).
+        self.missing = [c for c, todo in zip(self.cells, pending, strict=True) if todo] if self.finished_only else []
         trained_seconds: list[float] = []
         progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                             TimeElapsedColumn(), TextColumn("{task.fields[status]}"), console=console,
@@ -281,7 +279,7 @@ class ExperimentRunner:
             task = progress.add_task(f"{self.spec.name}", total=total, status="")
             for index, cell in enumerate(self.cells):
                 left = total - index - 1
-                if skip[index]:
+                if self.finished_only and pending[index]:
                     progress.update(task, advance=1)
                     continue
                 eta = _eta(trained_seconds, sum(pending[index:]))

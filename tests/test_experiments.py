@@ -154,6 +154,16 @@ def test_grid_runs_reuses_extends_and_reports(tmp_path):
                                                                                              "all"))
     assert f"{gru_hit.mean:.4f} ± {gru_hit.std:.4f} (2 seeds)" in partial_table
     assert "Not finished yet: 1 cell(s)" in partial_table and "GRU-sasrec-s44" in partial_table
+    # The test pairs only the seeds GRU has (42, 43) while None's row is over three: the report says so and
+    # gives both means over the tested seeds, so a `*` has a direction.
+    assert gru_hit.best_baseline == "None" and gru_hit.test_seeds == [42, 43]
+    none_finals = {r.cell.seed: json.loads((r.run_dir / "final.json").read_text())["metrics"]["test/sampled"]["hit@10"]
+                   for r in so_far["results"] if r.cell.method == "None"}
+    assert gru_hit.baseline_test_mean == pytest.approx(np.mean([none_finals[42], none_finals[43]]))
+    assert gru_hit.test_mean == pytest.approx(gru_hit.mean)
+    assert "Tests on fewer seeds than the rows they compare" in partial_table
+    assert (f"- sasrec, H@10 s100: GRU {gru_hit.test_mean:.4f} vs None {gru_hit.baseline_test_mean:.4f} on seed(s) "
+            f"42, 43, p = {gru_hit.p_value:.2g}") in partial_table
     # Extended by the seed: only the cell still missing trains.
     third = reproduce(path, "movielens-small", seeds=[42, 43, 44], out_dir=out, runs_root=runs, quiet=True)
     assert third["trained"] == ["GRU-sasrec-s44"]
@@ -178,6 +188,7 @@ def test_grid_runs_reuses_extends_and_reports(tmp_path):
     ours = np.concatenate([per_user[("GRU", s)]["test/full/ndcg@10"] for s in (42, 43, 44)])
     theirs = np.concatenate([per_user[("None", s)]["test/full/ndcg@10"] for s in (42, 43, 44)])
     assert gru_ndcg["p_value"] == pytest.approx(stats.ttest_rel(ours, theirs).pvalue)
+    assert gru_ndcg["test_seeds"] == [42, 43, 44] and gru_ndcg["test_mean"] == pytest.approx(gru_ndcg["mean"])
     assert by_key[("None", "ndcg@10", "full", "all")]["p_value"] is None
     longtail = by_key[("GRU", "hit@10", "sampled", "longtail")]
     mask = np.concatenate([per_user[("GRU", s)]["test/sampled/longtail"] for s in (42, 43, 44)]).astype(bool)
@@ -192,6 +203,7 @@ def test_grid_runs_reuses_extends_and_reports(tmp_path):
     star = "*" if gru_ndcg["p_value"] < 0.05 else ""
     assert f"{gru_ndcg['mean']:.4f} ± {gru_ndcg['std']:.4f}{star} |" in gru_line
     assert "GRU-sasrec-s44" in table and "Not finished" not in table  # wall time per cell
+    assert "Tests on fewer seeds" not in table
     for figure in ("longtail.png", "tiny.png"):
         assert (out / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

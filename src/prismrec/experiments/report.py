@@ -53,6 +53,12 @@ class Row:
     axes: dict[str, Any] = field(default_factory=dict)
     n_seeds: int = 0
     best_baseline: str | None = None
+    # The seeds the paired test used (those the proposed method shares with its best baseline) and both
+    # methods' means over just those seeds: with a grid part-way through, the row means above can be over
+    # other seeds than the test, and the two-sided test alone does not say which method is ahead.
+    test_seeds: list[int] = field(default_factory=list)
+    test_mean: float | None = None
+    baseline_test_mean: float | None = None
 
     @property
     def diff(self) -> float | None:
@@ -63,13 +69,15 @@ class Row:
         return cls(data["backbone"], data["method"], data["metric"], data["mode"], float(data["mean"]),
                    float(data["std"]), data.get("paper"), data.get("p_value"), subset=data.get("subset", "all"),
                    axes=dict(data.get("axes") or {}), n_seeds=int(data.get("n_seeds", 0)),
-                   best_baseline=data.get("best_baseline"))
+                   best_baseline=data.get("best_baseline"), test_seeds=[int(s) for s in data.get("test_seeds") or []],
+                   test_mean=data.get("test_mean"), baseline_test_mean=data.get("baseline_test_mean"))
 
     def to_json(self) -> dict[str, Any]:
         return {"backbone": self.backbone, "method": self.method, "metric": self.metric, "mode": self.mode,
                 "mean": self.mean, "std": self.std, "paper": self.paper, "p_value": self.p_value,
                 "subset": self.subset, "axes": self.axes, "n_seeds": self.n_seeds, "diff": self.diff,
-                "best_baseline": self.best_baseline}
+                "best_baseline": self.best_baseline, "test_seeds": self.test_seeds, "test_mean": self.test_mean,
+                "baseline_test_mean": self.baseline_test_mean}
 
 
 def _key_axes(result: CellResult) -> tuple[tuple[str, Any], ...]:
@@ -119,26 +127,46 @@ def build_rows(spec: ExperimentSpec, results: Sequence[CellResult], dataset: str
     for (backbone, method, axes, metric, mode, subset), row in index.items():
         if method != spec.proposed or metric not in spec.test_metrics:
             continue
-        candidates = [(index[k].mean, k[1]) for k in index
-                      if k[1] in baselines and k[0] == backbone and k[2] == axes and k[3:] == (metric, mode, subset)]
+        ours = groups[(backbone, method, axes)]
+        seeds = {c.cell.seed for c in ours}
+        # The best baseline is the one with the highest mean over the seeds it shares with the proposed
+        # method, the seeds the paired test can use (the same as its row mean once the grid is complete).
+        candidates = []
+        for k in index:
+            if k[1] in baselines and k[0] == backbone and k[2] == axes and k[3:] == (metric, mode, subset):
+                shared = _mean_over_seeds(groups[(backbone, k[1], axes)], seeds, mode, metric, subset)
+                if shared is not None:
+                    candidates.append((shared, k[1]))
         if not candidates:
             continue
         best = max(candidates)[1]
+        theirs = groups[(backbone, best, axes)]
         row.best_baseline = best
-        row.p_value = _significance(groups[(backbone, method, axes)], groups[(backbone, best, axes)],
-                                    mode, metric, subset)
+        row.p_value, row.test_seeds = _significance(ours, theirs, mode, metric, subset)
+        row.test_mean = _mean_over_seeds(ours, set(row.test_seeds), mode, metric, subset)
+        row.baseline_test_mean = _mean_over_seeds(theirs, set(row.test_seeds), mode, metric, subset)
     return rows
 
 
+def _mean_over_seeds(cells: Sequence[CellResult], seeds: set[int], mode: str, metric: str,
+                     subset: str) -> float | None:
+    values = [v for v in (_cell_value(c, mode, metric, subset) for c in cells if c.cell.seed in seeds)
+              if v is not None]
+    return float(np.mean(values)) if values else None
+
+
 def _significance(proposed: Sequence[CellResult], baseline: Sequence[CellResult], mode: str, metric: str,
-                  subset: str) -> float | None:
+                  subset: str) -> tuple[float | None, list[int]]:
+    """Two-sided paired t-test over the per-user metrics of the seeds both have, and those seeds."""
     by_seed = {r.cell.seed: r for r in baseline}
     ours: list[np.ndarray] = []
     theirs: list[np.ndarray] = []
+    seeds: list[int] = []
     for result in sorted(proposed, key=lambda r: r.cell.seed):
         other = by_seed.get(result.cell.seed)
         if other is None:
             continue
+        seeds.append(result.cell.seed)
         users_a, values_a = _per_user_values(result, mode, metric, subset)
         users_b, values_b = _per_user_values(other, mode, metric, subset)
         if not np.array_equal(users_a, users_b):
@@ -146,8 +174,8 @@ def _significance(proposed: Sequence[CellResult], baseline: Sequence[CellResult]
         ours.append(values_a)
         theirs.append(values_b)
     if not ours:
-        return None
-    return paired_t_test(np.concatenate(ours), np.concatenate(theirs))
+        return None, []
+    return paired_t_test(np.concatenate(ours), np.concatenate(theirs)), seeds
 
 
 def _fmt(value: float | None, digits: int = 4) -> str:
@@ -192,6 +220,37 @@ def _metric_table(spec: ExperimentSpec, rows: Sequence[Row], subset: str, n_seed
                 cells += [value, _fmt(row.paper), _signed(row.diff)] if mode == "sampled" else [value]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
+
+
+def _partial_tests(spec: ExperimentSpec, rows: Sequence[Row]) -> list[str]:
+    """One line per test run on fewer seeds than the rows it compares (a grid part-way through): the seeds
+    it used and both methods' means over them, so the reader sees which way a `*` points."""
+    label = {m.name: m.shown for m in spec.methods}
+    backbone_label = {b.name: b.shown for b in spec.backbones}
+    seeds_of = {(r.backbone, r.method, tuple(sorted(r.axes.items())), r.metric, r.mode, r.subset): r.n_seeds
+                for r in rows}
+    lines: list[str] = []
+    for row in rows:
+        if row.best_baseline is None or not row.test_seeds or row.test_mean is None \
+                or row.baseline_test_mean is None or (row.subset == "longtail" and "longtail" not in spec.figures):
+            continue
+        key = (row.backbone, row.best_baseline, tuple(sorted(row.axes.items())), row.metric, row.mode, row.subset)
+        if len(row.test_seeds) >= max(row.n_seeds, seeds_of.get(key, 0)):
+            continue
+        where = ", ".join([backbone_label.get(row.backbone, row.backbone), *(f"{k}={v}" for k, v in
+                                                                                 sorted(row.axes.items()))])
+        subset = " long tail" if row.subset == "longtail" else ""
+        short = SHORT.get(row.metric, row.metric)
+        mode = "s100" if row.mode == "sampled" else "full"
+        p_value = "" if row.p_value is None else f", p = {row.p_value:.2g}"
+        lines.append(f"- {where}, {short} {mode}{subset}: {label.get(row.method, row.method)} {row.test_mean:.4f} vs "
+                     f"{label.get(row.best_baseline, row.best_baseline)} {row.baseline_test_mean:.4f} on seed(s) "
+                     f"{', '.join(map(str, row.test_seeds))}{p_value}")
+    if not lines:
+        return []
+    return ["", f"Tests on fewer seeds than the rows they compare (only the seeds {spec.proposed} shares with its "
+            "best baseline can be paired; the best baseline is the highest over those seeds), with both means over "
+            "the tested seeds:", "", *lines]
 
 
 @dataclass
@@ -263,6 +322,7 @@ def markdown_table(spec: ExperimentSpec, rows: Sequence[Row], records: Sequence[
                   "training interactions, paper Figure 2); the paper publishes no numbers for them, so its "
                   "columns are empty:", ""]
         lines += _metric_table(spec, rows, "longtail", len(seeds))
+    lines += _partial_tests(spec, rows)
     if missing:
         lines += ["", f"Not finished yet: {len(missing)} cell(s) of this grid are left out of the rows above (report "
                   "written with `--finished-only`; rerun without it to train them):", "",

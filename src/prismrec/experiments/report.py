@@ -109,11 +109,15 @@ def build_rows(spec: ExperimentSpec, results: Sequence[CellResult], dataset: str
         groups[(result.cell.backbone, result.cell.method, _key_axes(result))].append(result)
     rows: list[Row] = []
     index: dict[tuple[str, str, tuple[tuple[str, Any], ...], str, str, str], Row] = {}
+    # Each row's value per seed, kept so the test's seed subset can be averaged without reading cells again.
+    by_seed: dict[tuple[str, str, tuple[tuple[str, Any], ...], str, str, str], dict[int, float]] = {}
     for (backbone, method, axes), cells in groups.items():
         for metric in spec.metrics:
             for mode in MODES:
                 for subset in SUBSETS:
-                    values = [v for v in (_cell_value(c, mode, metric, subset) for c in cells) if v is not None]
+                    seed_values = {c.cell.seed: v for c in cells
+                                   if (v := _cell_value(c, mode, metric, subset)) is not None}
+                    values = list(seed_values.values())
                     if not values:
                         continue
                     std = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
@@ -123,36 +127,30 @@ def build_rows(spec: ExperimentSpec, results: Sequence[CellResult], dataset: str
                               axes=dict(axes), n_seeds=len(values))
                     rows.append(row)
                     index[(backbone, method, axes, metric, mode, subset)] = row
+                    by_seed[(backbone, method, axes, metric, mode, subset)] = seed_values
     baselines = {m.name for m in spec.methods if m.baseline and m.name != spec.proposed}
     for (backbone, method, axes, metric, mode, subset), row in index.items():
         if method != spec.proposed or metric not in spec.test_metrics:
             continue
-        ours = groups[(backbone, method, axes)]
-        seeds = {c.cell.seed for c in ours}
+        ours = by_seed[(backbone, method, axes, metric, mode, subset)]
         # The best baseline is the one with the highest mean over the seeds it shares with the proposed
         # method, the seeds the paired test can use (the same as its row mean once the grid is complete).
         candidates = []
-        for k in index:
-            if k[1] in baselines and k[0] == backbone and k[2] == axes and k[3:] == (metric, mode, subset):
-                shared = _mean_over_seeds(groups[(backbone, k[1], axes)], seeds, mode, metric, subset)
-                if shared is not None:
-                    candidates.append((shared, k[1]))
+        for baseline in baselines:
+            theirs = by_seed.get((backbone, baseline, axes, metric, mode, subset), {})
+            shared = [theirs[seed] for seed in ours if seed in theirs]
+            if shared:
+                candidates.append((float(np.mean(shared)), baseline))
         if not candidates:
             continue
         best = max(candidates)[1]
-        theirs = groups[(backbone, best, axes)]
         row.best_baseline = best
-        row.p_value, row.test_seeds = _significance(ours, theirs, mode, metric, subset)
-        row.test_mean = _mean_over_seeds(ours, set(row.test_seeds), mode, metric, subset)
-        row.baseline_test_mean = _mean_over_seeds(theirs, set(row.test_seeds), mode, metric, subset)
+        row.p_value, row.test_seeds = _significance(groups[(backbone, method, axes)], groups[(backbone, best, axes)],
+                                                    mode, metric, subset)
+        theirs = by_seed[(backbone, best, axes, metric, mode, subset)]
+        row.test_mean = float(np.mean([ours[seed] for seed in row.test_seeds]))
+        row.baseline_test_mean = float(np.mean([theirs[seed] for seed in row.test_seeds]))
     return rows
-
-
-def _mean_over_seeds(cells: Sequence[CellResult], seeds: set[int], mode: str, metric: str,
-                     subset: str) -> float | None:
-    values = [v for v in (_cell_value(c, mode, metric, subset) for c in cells if c.cell.seed in seeds)
-              if v is not None]
-    return float(np.mean(values)) if values else None
 
 
 def _significance(proposed: Sequence[CellResult], baseline: Sequence[CellResult], mode: str, metric: str,

@@ -187,8 +187,6 @@ def _signed(value: float | None) -> str:
 def _metric_table(spec: ExperimentSpec, rows: Sequence[Row], subset: str, n_seeds: int = 0) -> list[str]:
     """Markdown rows of the paper's layout for one user subset (``all`` or ``longtail``); a row over fewer
     than ``n_seeds`` seeds (the report's count) says how many it has."""
-    label = {m.name: m.shown for m in spec.methods}
-    backbone_label = {b.name: b.shown for b in spec.backbones}
     table = {(r.backbone, r.method, tuple(sorted(r.axes.items())), r.metric, r.mode): r
              for r in rows if r.subset == subset}
     axis_names = [a.name for a in spec.axes]
@@ -202,7 +200,7 @@ def _metric_table(spec: ExperimentSpec, rows: Sequence[Row], subset: str, n_seed
                       key=lambda s: ([b.name for b in spec.backbones].index(s[0]),
                                      [m.name for m in spec.methods].index(s[1]), s[2]))
     for backbone, method, axes in settings:
-        cells = [backbone_label.get(backbone, backbone), label.get(method, method), *(str(v) for _, v in axes)]
+        cells = [spec.backbone_label(backbone), spec.method_label(method), *(str(v) for _, v in axes)]
         for metric in spec.metrics:
             for mode in MODES:
                 row = table.get((backbone, method, axes, metric, mode))
@@ -220,29 +218,27 @@ def _metric_table(spec: ExperimentSpec, rows: Sequence[Row], subset: str, n_seed
     return lines
 
 
-def _partial_tests(spec: ExperimentSpec, rows: Sequence[Row]) -> list[str]:
+def _partial_tests(spec: ExperimentSpec, rows: Sequence[Row], subsets: Sequence[str]) -> list[str]:
     """One line per test run on fewer seeds than the rows it compares (a grid part-way through): the seeds
-    it used and both methods' means over them, so the reader sees which way a `*` points."""
-    label = {m.name: m.shown for m in spec.methods}
-    backbone_label = {b.name: b.shown for b in spec.backbones}
+    it used and both methods' means over them, so the reader sees which way a `*` points. ``subsets``: the
+    user subsets the report shows tables for."""
     seeds_of = {(r.backbone, r.method, tuple(sorted(r.axes.items())), r.metric, r.mode, r.subset): r.n_seeds
                 for r in rows}
     lines: list[str] = []
     for row in rows:
         if row.best_baseline is None or not row.test_seeds or row.test_mean is None \
-                or row.baseline_test_mean is None or (row.subset == "longtail" and "longtail" not in spec.figures):
+                or row.baseline_test_mean is None or row.subset not in subsets:
             continue
         key = (row.backbone, row.best_baseline, tuple(sorted(row.axes.items())), row.metric, row.mode, row.subset)
         if len(row.test_seeds) >= max(row.n_seeds, seeds_of.get(key, 0)):
             continue
-        where = ", ".join([backbone_label.get(row.backbone, row.backbone), *(f"{k}={v}" for k, v in
-                                                                                 sorted(row.axes.items()))])
+        where = ", ".join([spec.backbone_label(row.backbone), *(f"{k}={v}" for k, v in sorted(row.axes.items()))])
         subset = " long tail" if row.subset == "longtail" else ""
         short = SHORT.get(row.metric, row.metric)
         mode = "s100" if row.mode == "sampled" else "full"
         p_value = "" if row.p_value is None else f", p = {row.p_value:.2g}"
-        lines.append(f"- {where}, {short} {mode}{subset}: {label.get(row.method, row.method)} {row.test_mean:.4f} vs "
-                     f"{label.get(row.best_baseline, row.best_baseline)} {row.baseline_test_mean:.4f} on seed(s) "
+        lines.append(f"- {where}, {short} {mode}{subset}: {spec.method_label(row.method)} {row.test_mean:.4f} vs "
+                     f"{spec.method_label(row.best_baseline)} {row.baseline_test_mean:.4f} on seed(s) "
                      f"{', '.join(map(str, row.test_seeds))}{p_value}")
     if not lines:
         return []
@@ -303,7 +299,7 @@ def markdown_table(spec: ExperimentSpec, rows: Sequence[Row], records: Sequence[
     lines += ["Command:", "", "```bash", command, "```", ""]
     if carried and carried.rows:
         earlier = list(dict.fromkeys(c["command"] for c in carried.cells if c.get("command")))
-        shown = ", ".join(next((b.shown for b in spec.backbones if b.name == n), n) for n in carried.backbones)
+        shown = ", ".join(spec.backbone_label(n) for n in carried.backbones)
         lines += [f"Rows of {shown} kept from an earlier invocation of this report (not rerun here; each "
                   "backbone's rows and p-values come from one invocation's cells):", "", "```bash", *earlier,
                   "```", ""]
@@ -315,12 +311,14 @@ def markdown_table(spec: ExperimentSpec, rows: Sequence[Row], records: Sequence[
               f"`*`: {spec.proposed} differs from the best baseline of the same backbone (two-sided paired t-test "
               "over per-user test metrics of matching seeds, p < 0.05); p-values in the JSON rows.", ""]
     lines += _metric_table(spec, rows, "all", len(seeds))
+    subsets = ["all"]
     if "longtail" in spec.figures:
+        subsets.append("longtail")
         lines += ["", f"Long-tail users only (test target among the {LONGTAIL_SHARE:.0%} least popular items by "
                   "training interactions, paper Figure 2); the paper publishes no numbers for them, so its "
                   "columns are empty:", ""]
         lines += _metric_table(spec, rows, "longtail", len(seeds))
-    lines += _partial_tests(spec, rows)
+    lines += _partial_tests(spec, rows, subsets)
     if missing:
         lines += ["", f"Not finished yet: {len(missing)} cell(s) of this grid are left out of the rows above (report "
                   "written with `--finished-only`; rerun without it to train them):", "",
@@ -342,7 +340,6 @@ def write_figures(spec: ExperimentSpec, rows: Sequence[Row], out_dir: Path) -> l
     import matplotlib.pyplot as plt
 
     written: list[Path] = []
-    label = {m.name: m.shown for m in spec.methods}
     if "sweep" in spec.figures:
         for axis in spec.axes:
             fig, panels = plt.subplots(1, len(MODES), figsize=(5 * len(MODES), 3.6), squeeze=False)
@@ -354,7 +351,7 @@ def write_figures(spec: ExperimentSpec, rows: Sequence[Row], out_dir: Path) -> l
                 for (backbone, method, metric), points in sorted(series.items()):
                     points.sort(key=lambda r: axis.values.index(r.axes[axis.name]))
                     xs = list(range(len(points)))
-                    name = f"{label.get(method, method)}/{backbone} {SHORT.get(metric, metric)}"
+                    name = f"{spec.method_label(method)}/{backbone} {SHORT.get(metric, metric)}"
                     panel.errorbar(xs, [p.mean for p in points], yerr=[p.std for p in points], marker="o",
                                    capsize=3, label=name)
                     panel.set_xticks(xs, [str(p.axes[axis.name]) for p in points])
@@ -381,9 +378,9 @@ def write_figures(spec: ExperimentSpec, rows: Sequence[Row], out_dir: Path) -> l
                 xs = [b + m * width for b in range(len(backbones))]
                 panel.bar(xs, [found[b].mean if b in found else 0.0 for b in backbones], width,
                           yerr=[found[b].std if b in found else 0.0 for b in backbones], capsize=2,
-                          label=label.get(method, method))
-            shown = [next(x.shown for x in spec.backbones if x.name == b) for b in backbones]
-            panel.set_xticks([b + 0.4 - width / 2 for b in range(len(backbones))], shown)
+                          label=spec.method_label(method))
+            panel.set_xticks([b + 0.4 - width / 2 for b in range(len(backbones))],
+                             [spec.backbone_label(b) for b in backbones])
             users = "long-tail users" if subset == "longtail" else "all users"
             panel.set_title(f"{SHORT.get(metric, metric)} (s100, {users})")
             panel.grid(axis="y", alpha=0.3)

@@ -85,6 +85,14 @@ class ExperimentSpec(_Strict):
                              f"({', '.join(m.name for m in self.methods)})")
         return self
 
+    def method_label(self, name: str) -> str:
+        """How reports print the method ``name`` (its label; the name itself if the spec has no such method)."""
+        return next((m.shown for m in self.methods if m.name == name), name)
+
+    def backbone_label(self, name: str) -> str:
+        """How reports print the backbone ``name`` (its label; the name itself if the spec has no such backbone)."""
+        return next((b.shown for b in self.backbones if b.name == name), name)
+
 
 @dataclass(frozen=True)
 class Cell:

@@ -122,6 +122,46 @@ def test_method_subset_keeps_cell_hashes():
         restrict_methods(spec, ["DMSER"])
 
 
+def test_a_grid_missing_semantics_stops_before_training_anything(tmp_path, monkeypatch):
+    """The Figure 4 grid names one artefact per derivation backend: one that was never derived stops the grid
+    up front with the command that derives it, instead of after hours of the methods before it."""
+    from typer.testing import CliRunner
+
+    from prismrec.cli import app
+    from prismrec.semantics.artefact import ArtefactError, load_artefact
+
+    path = _experiment(tmp_path, "backends", """
+        seeds = [42]
+        proposed = "DMESR-never-derived"
+        [[methods]]
+        name = "None"
+        config = "movielens_{backbone}.toml"
+        [[methods]]
+        name = "DMESR-never-derived"
+        config = "movielens_dmesr_sasrec.toml"
+        overrides = ['model.semantics="{dataset}-local-llm"']
+        [[backbones]]
+        name = "sasrec"
+    """)
+    monkeypatch.setenv("PRISMREC_HOME", str(tmp_path / "home"))
+    runs = tmp_path / "runs"
+    with pytest.raises(ArtefactError) as error:
+        reproduce(path, "movielens-small", overrides=TINY, out_dir=tmp_path / "out", runs_root=runs, quiet=True)
+    assert "movielens-small-local-llm: prismrec derive movielens-small --backend local-llm" in str(error.value)
+    assert "DMESR-never-derived-sasrec-s42" in str(error.value)
+    assert not runs.exists() or not any(runs.iterdir())  # not even the None cell trained
+    dry = CliRunner().invoke(app, ["reproduce", str(path), "--dry-run"])
+    assert dry.exit_code == 0, dry.output
+    assert "missing semantics movielens-small-local-llm (1 cell(s))" in " ".join(dry.output.split())
+    # Leaving the method out runs the rest.
+    done = reproduce(path, "movielens-small", overrides=TINY, out_dir=tmp_path / "out", runs_root=runs, quiet=True,
+                     methods=["None"])
+    assert done["trained"] == ["None-sasrec-s42"]
+    # A model loading it directly says the same (a bare --name would write describe semantics under that name).
+    with pytest.raises(ArtefactError, match="prismrec derive yelp --backend openai --base-url URL --model MODEL"):
+        load_artefact("yelp-openai")
+
+
 def test_grid_runs_reuses_extends_and_reports(tmp_path):
     path = _experiment(tmp_path, "tiny", GRID.format(tiny=json.dumps(TINY)))
     runs, out = tmp_path / "runs", tmp_path / "report"

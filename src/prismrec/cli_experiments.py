@@ -69,6 +69,7 @@ def reproduce(
     )
     from prismrec.experiments import reproduce as run_experiment
     from prismrec.experiments.runner import CellBusyError, ExperimentRunner, NotFinishedError
+    from prismrec.semantics.artefact import derive_command
 
     overrides = command_line_overrides(set_, data_dir)
     backbone_names, method_names = _names(backbones), _names(methods)
@@ -86,6 +87,8 @@ def reproduce(
                 done += finished
                 console.print(f"{'done' if finished else 'todo'}  {cell.cell_id}  ({cell.config.config_hash()})")
             console.print(f"{len(cells)} cells: {done} done, {len(cells) - done} left")
+            for name, needed_by in checker.missing_artefacts().items():
+                console.print(f"missing semantics {name} ({len(needed_by)} cell(s)): {derive_command(name)}")
             return
         report = run_experiment(experiment, dataset, _seeds(seeds), overrides, out_dir=out, command=command,
                                 quiet=quiet, backbones=backbone_names, keep_rows=keep_rows, records=records,

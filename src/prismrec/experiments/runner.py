@@ -38,6 +38,7 @@ from prismrec.config import RunConfig
 from prismrec.data.paths import output_dir
 from prismrec.data.split import LeaveOneOutSplit
 from prismrec.experiments.spec import Cell, ExperimentSpec
+from prismrec.semantics.artefact import ArtefactError, artefact_ready, artefacts_named, derive_command
 from prismrec.training.runs import write_json
 from prismrec.training.trainer import (
     BEST_CHECKPOINT,
@@ -264,8 +265,34 @@ class ExperimentRunner:
         folders = [cell_dir(self.root, cell), self.record_dir(cell)]
         return any(f is not None and (f / "final.json").exists() and (f / PER_USER_FILE).exists() for f in folders)
 
+    def missing_artefacts(self) -> dict[str, list[str]]:
+        """Semantics artefacts that cells still to train name but that are not on disk: name -> cell ids."""
+        missing: dict[str, list[str]] = {}
+        for cell in self.cells:
+            if self.is_done(cell):
+                continue
+            for name in artefacts_named(cell.config.model):
+                if not artefact_ready(name):
+                    missing.setdefault(name, []).append(cell.cell_id)
+        return missing
+
+    def check_artefacts(self) -> None:
+        """Raise, naming each missing artefact, its cells and the command that derives it, before anything trains
+        (a grid would otherwise spend hours on its first methods and then stop at the one without semantics)."""
+        missing = self.missing_artefacts()
+        if not missing:
+            return
+        lines = [f"  {name}: {derive_command(name)}  (needed by {', '.join(cells[:3])}"
+                 + (f" and {len(cells) - 3} more cell(s))" if len(cells) > 3 else ")")
+                 for name, cells in missing.items()]
+        raise ArtefactError(f"{len(missing)} semantics artefact(s) this grid needs are missing, so nothing was "
+                            "trained; derive them first (or leave their methods out with --methods):\n"
+                            + "\n".join(lines))
+
     def run(self, on_result: Callable[[CellResult], None] | None = None) -> list[CellResult]:
         results: list[CellResult] = []
+        if not self.finished_only:
+            self.check_artefacts()
         # Cells that look finished on disk are reused in seconds: the ETA counts only the others.
         pending = [not self.is_done(c) for c in self.cells]
         # finished_only: the pending cells are left out, not trained (the ETA then stays "?": nothing trains).

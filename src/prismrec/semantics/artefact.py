@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from pydantic import BaseModel
 from safetensors.numpy import load_file
 
 from prismrec.data.paths import output_dir
@@ -59,12 +60,46 @@ def resolve_artefact_dir(name_or_path: str | Path) -> Path:
     return output_dir("semantics") / str(name_or_path)
 
 
+def artefact_ready(name_or_path: str | Path) -> bool:
+    """The artefact's manifest and matrices are on disk (a cheap check; :func:`load_artefact` validates)."""
+    folder = resolve_artefact_dir(name_or_path)
+    return (folder / "items.json").exists() and (folder / "embeddings.safetensors").exists()
+
+
+def derive_command(name_or_path: str | Path) -> str:
+    """The ``prismrec derive`` command that writes this artefact.
+
+    ``derive`` names an artefact ``{dataset}-{backend}``; for such a name the command picks that backend (a
+    bare ``--name`` would write the default backend's semantics under another backend's name).
+    """
+    from prismrec.semantics.backends import BACKENDS  # the package registers every backend
+
+    needs = {"openai": " --base-url URL --model MODEL", "transformers": " --model MODEL_FOLDER"}
+    name = Path(name_or_path).name
+    for backend in sorted(BACKENDS.names(), key=len, reverse=True):
+        if name.endswith(f"-{backend}") and len(name) > len(backend) + 1:
+            return f"prismrec derive {name[:-len(backend) - 1]} --backend {backend}{needs.get(backend, '')}"
+    return f"prismrec derive DATASET --backend BACKEND --name {name}"
+
+
+def artefacts_named(options: BaseModel) -> list[str]:
+    """Every semantics artefact a model's options name: fields called ``semantics``, nested option models too
+    (an experiment grid checks these exist before it trains anything)."""
+    found: list[str] = []
+    for field in type(options).model_fields:
+        value = getattr(options, field)
+        if field == "semantics" and isinstance(value, str | Path) and str(value):
+            found.append(str(value))
+        elif isinstance(value, BaseModel):
+            found.extend(artefacts_named(value))
+    return list(dict.fromkeys(found))
+
+
 def load_artefact(name_or_path: str | Path) -> SemanticArtefact:
     folder = resolve_artefact_dir(name_or_path)
     manifest_path = folder / "items.json"
     if not manifest_path.exists():
-        raise ArtefactError(f"{manifest_path}: no such artefact (run `prismrec derive DATASET --name "
-                            f"{Path(name_or_path).name}` first)")
+        raise ArtefactError(f"{manifest_path}: no such artefact (run `{derive_command(name_or_path)}` first)")
     manifest = json.loads(manifest_path.read_text())
     if not isinstance(manifest.get("item_ids"), list):
         raise ArtefactError(f"{manifest_path}: no item_ids list")

@@ -289,9 +289,10 @@ def test_keep_rows_joins_backbones_run_on_different_machines(tmp_path):
     with pytest.raises(ValueError, match=r"no finished cells to report.*2 not finished"):
         reproduce(path, "movielens-small", seeds=[43], out_dir=tmp_path / "none", runs_root=tmp_path / "machine-b",
                   quiet=True, backbones=["gru4rec"], finished_only=True)
-    meta_path = third["results"][0].run_dir / "meta.json"
-    meta = json.loads(meta_path.read_text())
-    meta_path.write_text(json.dumps({**meta, "data_fingerprint": "other data"}))
+    for result in third["results"]:  # both: this grid's gru4rec "None" and "GRU" cells have equal settings
+        meta_path = result.run_dir / "meta.json"
+        meta = json.loads(meta_path.read_text())
+        meta_path.write_text(json.dumps({**meta, "data_fingerprint": "other data"}))
     with pytest.raises(NotFinishedError, match="rerun without --finished-only"):
         reproduce(path, "movielens-small", seeds=[42], out_dir=tmp_path / "none", runs_root=tmp_path / "machine-b",
                   quiet=True, backbones=["gru4rec"], finished_only=True)
@@ -322,6 +323,46 @@ def test_cell_records_outlive_the_run_directories(tmp_path):
     third = reproduce(path, "movielens-small", seeds=[42], overrides=["training.lr=0.002"], out_dir=tmp_path / "c",
                       runs_root=tmp_path / "machine-b", quiet=True, records=records)
     assert len(third["trained"]) == 2
+
+
+def test_a_cell_of_equal_settings_from_another_experiment_is_reused(tmp_path):
+    """Table 2's DMESR, the alpha sweep's alpha = 0.1 and the mllm grid's describe column are the same training:
+    a cell whose settings (config without its name) equal a finished cell's on the same data reuses it."""
+    one = _experiment(tmp_path, "one", GRID.format(tiny=json.dumps(TINY)))
+    # Another experiment: its "Plain" method is "None" under another name; its "Wider" one differs.
+    other = _experiment(tmp_path, "other", f"""
+        seeds = [42]
+        proposed = "Wider"
+        overrides = {json.dumps(TINY)}
+        [[methods]]
+        name = "Plain"
+        config = "movielens_{{backbone}}.toml"
+        overrides = ["model.num_blocks=1"]
+        [[methods]]
+        name = "Wider"
+        config = "movielens_{{backbone}}.toml"
+        overrides = ["model.num_blocks=2"]
+        [[backbones]]
+        name = "sasrec"
+    """)
+    records, runs = tmp_path / "records", tmp_path / "machine-a"
+    first = reproduce(one, "movielens-small", seeds=[42], out_dir=tmp_path / "a", runs_root=runs, quiet=True)
+    none_dir = next(r.run_dir for r in first["results"] if r.cell.method == "None")
+    second = reproduce(other, "movielens-small", out_dir=tmp_path / "b", runs_root=runs, quiet=True, records=records)
+    assert second["trained"] == ["Wider-sasrec-s42"]
+    plain = next(r for r in second["results"] if r.cell.method == "Plain")
+    assert plain.reused and plain.run_dir == none_dir
+    assert (records / none_dir.name / PER_USER_FILE).exists()  # recorded under its own name, so it outlives runs
+    table = (tmp_path / "b" / "other.md").read_text()
+    assert f"| Plain-sasrec-s42 | {plain.wall_seconds:.1f} | `{none_dir.name}` |" in table
+    assert "a run directory named after another cell holds a cell of equal settings" in table
+    # A fresh machine with the records only: still nothing to train; other settings are not reused.
+    third = reproduce(other, "movielens-small", out_dir=tmp_path / "c", runs_root=tmp_path / "machine-b",
+                      quiet=True, records=records)
+    assert third["trained"] == []
+    changed = reproduce(other, "movielens-small", overrides=["training.lr=0.002"], out_dir=tmp_path / "d",
+                        runs_root=tmp_path / "machine-b", quiet=True, methods=["Plain"])
+    assert changed["trained"] == ["Plain-sasrec-s42"]
 
 
 def test_sweep_figure(tmp_path):

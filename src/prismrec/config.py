@@ -102,7 +102,18 @@ class RunConfig(StrictModel):
 
     def config_hash(self) -> str:
         """Hash of the resolved configuration (used to recognise identical runs)."""
+        return self._hash(self.to_dict())
+
+    def settings_hash(self) -> str:
+        """Hash of what the run computes: the resolved configuration without its ``name``, a label. Cells of
+        different experiments with equal settings (Table 2's DMESR and the alpha sweep's alpha = 0.1) share it,
+        so an experiment grid reuses one for the other."""
         resolved = self.to_dict()
+        del resolved["name"]
+        return self._hash(resolved)
+
+    @staticmethod
+    def _hash(resolved: dict[str, Any]) -> str:
         for (section, key), default in HASH_NEUTRAL_DEFAULTS.items():
             if resolved.get(section, {}).get(key, None) == default:
                 del resolved[section][key]

@@ -323,8 +323,11 @@ def markdown_table(spec: ExperimentSpec, rows: Sequence[Row], records: Sequence[
         lines += ["", f"Not finished yet: {len(missing)} cell(s) of this grid are left out of the rows above (report "
                   "written with `--finished-only`; rerun without it to train them):", "",
                   ", ".join(c.cell_id for c in missing)]
+    borrowed = any(not str(r["run_dir"]).startswith(f"{r['cell']}-") for r in records)
     lines += ["", "Wall-clock time per cell (training + evaluation; cells reused from earlier invocations keep the "
-              "time recorded when they ran):", "", "| cell | seconds | run directory |", "|---|---|---|"]
+              "time recorded when they ran" + ("; a run directory named after another cell holds a cell of equal "
+                                               "settings, another experiment's, reused" if borrowed else "")
+              + "):", "", "| cell | seconds | run directory |", "|---|---|---|"]
     for record in records:
         seconds = record.get("seconds")
         lines.append(f"| {record['cell']} | {'' if seconds is None else f'{seconds:.1f}'} | `{record['run_dir']}` |")

@@ -12,6 +12,11 @@ per-user test metrics the report reads, no weights) are copied to ``DIR/<cell id
 cell whose record matches the config hash and data fingerprint is reused from there. A grid spread over
 several sittings on fresh machines (run directories gone) keeps every finished cell this way, a few tens of
 kilobytes each, small enough to commit next to the report.
+
+A cell is also reused from a finished cell *of another name* whose settings are equal (the resolved config
+without its ``name``; :meth:`~prismrec.config.RunConfig.settings_hash`) on the same data: Table 2's DMESR,
+the alpha sweep's alpha = 0.1, the d sweep's d = 128 and the ``mllm`` grid's describe column are one
+training each. The report's cell list then names the directory the result came from.
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ from safetensors.numpy import load_file as load_numpy
 from safetensors.numpy import save_file as save_numpy
 from safetensors.torch import load_file
 
-from prismrec.config import RunConfig
+from prismrec.config import ConfigError, RunConfig, read_toml, validate_config
 from prismrec.data.paths import output_dir
 from prismrec.data.split import LeaveOneOutSplit
 from prismrec.experiments.spec import Cell, ExperimentSpec
@@ -203,6 +208,7 @@ class ExperimentRunner:
         # (a report of a long grid part-way through, say while other processes still train the rest).
         self.finished_only = finished_only
         self.missing: list[Cell] = []
+        self._settings_index: dict[str, list[tuple[str, Path]]] | None = None
 
     def split_for(self, config: RunConfig) -> LeaveOneOutSplit:
         key = json.dumps(config.data.model_dump(mode="json"), sort_keys=True)
@@ -224,6 +230,12 @@ class ExperimentRunner:
             return self._reused(cell, run_dir)
         if record is not None and _finished(record, cell.config, fingerprint) and (record / PER_USER_FILE).exists():
             return self._reused(cell, record)
+        equivalent = self.equivalent(cell, fingerprint)
+        if equivalent is not None:
+            if self.records is not None and equivalent.parent != self.records \
+                    and not (self.records / equivalent.name / PER_USER_FILE).exists():
+                write_record(equivalent, self.records / equivalent.name, self.spec.metrics)
+            return self._reused(cell, equivalent)
         if self.finished_only:
             raise NotFinishedError(f"cell {cell.cell_id}: {run_dir} holds results for another config or other "
                                    f"data (fingerprint now {fingerprint}); rerun without --finished-only to "
@@ -261,9 +273,39 @@ class ExperimentRunner:
         return None if self.records is None else self.records / cell_dir(self.root, cell).name
 
     def is_done(self, cell: Cell) -> bool:
-        """Finished on disk (run directory or record); checked by file presence only (the ETA and --dry-run)."""
+        """Finished on disk (run directory, record or an equal-settings cell of another name); checked by file
+        presence and settings only, not the data fingerprint (the ETA and --dry-run)."""
         folders = [cell_dir(self.root, cell), self.record_dir(cell)]
-        return any(f is not None and (f / "final.json").exists() and (f / PER_USER_FILE).exists() for f in folders)
+        return any(f is not None and (f / "final.json").exists() and (f / PER_USER_FILE).exists() for f in folders) \
+            or bool(self._finished_by_settings().get(cell.config.settings_hash()))
+
+    def equivalent(self, cell: Cell, fingerprint: str) -> Path | None:
+        """A finished cell of another name with this cell's settings, on data with this fingerprint."""
+        candidates = self._finished_by_settings().get(cell.config.settings_hash(), [])
+        return next((folder for data, folder in candidates if data == fingerprint), None)
+
+    def _finished_by_settings(self) -> dict[str, list[tuple[str, Path]]]:
+        """settings hash -> (data fingerprint, folder) of every finished cell in the records and the runs root.
+
+        Built once per runner (cells this runner trains are found under their own names); records first.
+        """
+        if self._settings_index is None:
+            self._settings_index = {}
+            for root in [r for r in (self.records, self.root) if r is not None and r.is_dir()]:
+                for folder in sorted(root.iterdir()):
+                    if not all((folder / f).exists() for f in ("config.toml", "meta.json", "final.json",
+                                                               PER_USER_FILE)):
+                        continue
+                    try:
+                        config = validate_config(read_toml(folder / "config.toml"), str(folder / "config.toml"))
+                        meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
+                    except (ConfigError, ValueError, OSError):
+                        continue  # a folder of an older schema or a broken one is not evidence of anything
+                    if meta.get("config_hash") != config.config_hash():
+                        continue  # config.toml and the results disagree
+                    self._settings_index.setdefault(config.settings_hash(), []).append(
+                        (str(meta.get("data_fingerprint")), folder))
+        return self._settings_index
 
     def missing_artefacts(self) -> dict[str, list[str]]:
         """Semantics artefacts that cells still to train name but that are not on disk: name -> cell ids."""

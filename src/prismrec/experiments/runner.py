@@ -256,6 +256,8 @@ class ExperimentRunner:
                                    "wall_seconds": wall + float(previous.get("wall_seconds", 0.0)),
                                    "resumed": resume})
         self.trained.append(cell.cell_id)
+        # A later cell of this grid with equal settings (another name) reuses this one.
+        self._finished_by_settings().setdefault(cell.config.settings_hash(), []).append((fingerprint, run_dir))
         if record is not None:
             write_record(run_dir, record, self.spec.metrics)
         final = json.loads((run_dir / "final.json").read_text(encoding="utf-8"))
@@ -287,7 +289,8 @@ class ExperimentRunner:
     def _finished_by_settings(self) -> dict[str, list[tuple[str, Path]]]:
         """settings hash -> (data fingerprint, folder) of every finished cell in the records and the runs root.
 
-        Built once per runner (cells this runner trains are found under their own names); records first.
+        Built once per runner from what is on disk (records first); cells this runner trains are added as they
+        finish.
         """
         if self._settings_index is None:
             self._settings_index = {}

@@ -403,15 +403,22 @@ def test_sweep_figure(tmp_path):
     assert json.loads((killed.run_dir / "final.json").read_text())["metrics"] == before
 
 
-def test_cli_on_the_yelp_fixture(tmp_path):
-    """The same command on another dataset: the Yelp loader's fixture, through the CLI."""
+@pytest.mark.parametrize(("dataset", "paper_hit"), [("yelp", 0.6346), ("amazon-games", 0.5574)])
+def test_cli_on_the_yelp_and_amazon_games_fixtures(tmp_path, dataset, paper_hit):
+    """The same command on the other datasets: their loaders' fixtures, through the CLI."""
     from typer.testing import CliRunner
 
     from prismrec.cli import app
-    from test_data_yelp import write_fixture
 
-    write_fixture(tmp_path / "data" / "yelp", gz=False)
-    path = _experiment(tmp_path, "yelp-tiny", """
+    if dataset == "yelp":
+        from test_data_yelp import write_fixture
+
+        write_fixture(tmp_path / "data" / "yelp", gz=False)
+    else:
+        from test_data_amazon import write_fixture as write_amazon
+
+        write_amazon(tmp_path / "data" / "amazon-games", release="2018", gz=True)
+    path = _experiment(tmp_path, "other-tiny", """
         seeds = [42, 43]
         proposed = "GRU"
         paper_table = "table2"
@@ -424,18 +431,18 @@ def test_cli_on_the_yelp_fixture(tmp_path):
         [[backbones]]
         name = "sasrec"
     """)
-    args = ["reproduce", str(path), "--dataset", "yelp", "--data-dir", str(tmp_path / "data"),
+    args = ["reproduce", str(path), "--dataset", dataset, "--data-dir", str(tmp_path / "data"),
             "--out", str(tmp_path / "out"), "--quiet", "--set", "evaluation.num_negatives=5"]
     for override in TINY:
         args += ["--set", override]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     assert "4 cells (4 trained now, 0 reused)" in result.output
-    rows = json.loads((tmp_path / "out" / "yelp-tiny.json").read_text())
+    rows = json.loads((tmp_path / "out" / "other-tiny.json").read_text())
     none_hit = next(r for r in rows if (r["method"], r["metric"], r["mode"], r["subset"]) ==
                     ("None", "hit@10", "sampled", "all"))
-    assert none_hit["paper"] == 0.6346  # Table 2, SASRec, Yelp
-    assert "--dataset yelp" in (tmp_path / "out" / "yelp-tiny.md").read_text()
+    assert none_hit["paper"] == paper_hit  # Table 2, SASRec, this dataset
+    assert f"--dataset {dataset}" in (tmp_path / "out" / "other-tiny.md").read_text()
     dry = CliRunner().invoke(app, [*args, "--dry-run"])
     assert dry.exit_code == 0 and "4 cells: 4 done, 0 left" in dry.output
 

@@ -147,7 +147,8 @@ def test_a_grid_missing_semantics_stops_before_training_anything(tmp_path, monke
     runs = tmp_path / "runs"
     with pytest.raises(ArtefactError) as error:
         reproduce(path, "movielens-small", overrides=TINY, out_dir=tmp_path / "out", runs_root=runs, quiet=True)
-    assert "movielens-small-local-llm: prismrec derive movielens-small --backend local-llm" in str(error.value)
+    assert ("movielens-small-local-llm: prismrec derive movielens-small --backend local-llm --name "
+            "movielens-small-local-llm") in str(error.value)
     assert "DMESR-never-derived-sasrec-s42" in str(error.value)
     assert not runs.exists() or not any(runs.iterdir())  # not even the None cell trained
     dry = CliRunner().invoke(app, ["reproduce", str(path), "--dry-run"])
@@ -158,7 +159,8 @@ def test_a_grid_missing_semantics_stops_before_training_anything(tmp_path, monke
                      methods=["None"])
     assert done["trained"] == ["None-sasrec-s42"]
     # A model loading it directly says the same (a bare --name would write describe semantics under that name).
-    with pytest.raises(ArtefactError, match="prismrec derive yelp --backend openai --base-url URL --model MODEL"):
+    with pytest.raises(ArtefactError, match="prismrec derive yelp --backend openai --base-url URL --model MODEL "
+                       "--name yelp-openai"):
         load_artefact("yelp-openai")
 
 

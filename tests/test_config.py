@@ -4,7 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from prismrec.config import ConfigError, dump_toml, load_config, parse_override
+from prismrec.config import load_config
+from prismrec.options import ConfigError, dump_toml, parse_override
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from prismrec.cli import app
+from prismrec.cli.app import app
 from prismrec.data import DataError, build_sequences
 from prismrec.data.amazon import AmazonGames, AmazonOptions, AmazonReviews
 from prismrec.data.images import ImageCache

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from prismrec.cli import app
+from prismrec.cli.app import app
 from prismrec.data import DataError, build_sequences
 from prismrec.data.generic import GenericDataset, GenericOptions
 from prismrec.data.images import ImageCache

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from prismrec.cli import app
+from prismrec.cli.app import app
 from prismrec.data import DataError, build_sequences
 from prismrec.data.yelp import YelpOptions, YelpRestaurants
 from test_data_amazon import kcore_counts, table_numbers

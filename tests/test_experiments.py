@@ -13,7 +13,6 @@ import pytest
 from safetensors.numpy import load_file as load_numpy
 from scipy import stats
 
-from prismrec.config import ConfigError
 from prismrec.experiments import (
     expand_cells,
     load_experiment,
@@ -23,6 +22,7 @@ from prismrec.experiments import (
     restrict_methods,
 )
 from prismrec.experiments.runner import PER_USER_FILE, CellBusyError, NotFinishedError, cell_dir
+from prismrec.options import ConfigError
 
 from conftest import SHARED_DATA
 
@@ -127,7 +127,7 @@ def test_a_grid_missing_semantics_stops_before_training_anything(tmp_path, monke
     up front with the command that derives it, instead of after hours of the methods before it."""
     from typer.testing import CliRunner
 
-    from prismrec.cli import app
+    from prismrec.cli.app import app
     from prismrec.semantics.artefact import ArtefactError, load_artefact
 
     path = _experiment(tmp_path, "backends", """
@@ -409,7 +409,7 @@ def test_cli_on_the_yelp_and_amazon_games_fixtures(tmp_path, dataset, paper_hit)
     """The same command on the other datasets: their loaders' fixtures, through the CLI."""
     from typer.testing import CliRunner
 
-    from prismrec.cli import app
+    from prismrec.cli.app import app
 
     if dataset == "yelp":
         from test_data_yelp import write_fixture

@@ -13,7 +13,7 @@ import pytest
 from typer.testing import CliRunner
 
 from fake_openai_server import FakeOpenAIServer
-from prismrec.cli import app
+from prismrec.cli.app import app
 from semantics_helpers import make_tiny_movielens
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"

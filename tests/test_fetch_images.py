@@ -20,7 +20,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from prismrec.cli import app
+from prismrec.cli.app import app
 from prismrec.data.generic import GenericDataset, GenericOptions
 from prismrec.data.images import FetchOptions, FetchOutcome, ImageCache, decode_check, fetch_images, url_key
 

@@ -15,10 +15,9 @@ from typer.testing import CliRunner
 
 from fake_openai_server import FakeOpenAIServer
 from llm_fixtures import save_tiny_causal_lm, tiny_causal_lm
-from prismrec.config import ConfigError
 from prismrec.data import load_sequences
 from prismrec.data.split import LeaveOneOutSplit
-from prismrec.models.llm_common import (
+from prismrec.llmrec.causal_lm import (
     CausalLMOptions,
     LoRAOptions,
     add_lora,
@@ -27,7 +26,7 @@ from prismrec.models.llm_common import (
     load_lora_adapter,
     save_lora_adapter,
 )
-from prismrec.models.mllm_msr import (
+from prismrec.llmrec.mllm_msr import (
     MLLMMSR,
     SUMMARY_PREFIX,
     USER_SUMMARY_FIRST,
@@ -44,6 +43,7 @@ from prismrec.models.mllm_msr import (
     load_mllm_msr_config,
     train_and_score,
 )
+from prismrec.options import ConfigError
 from prismrec.semantics.backends.local_llm import LocalLLMBackend, LocalLLMOptions
 from prismrec.semantics.backends.openai import OpenAIBackend, OpenAIChatOptions
 from prismrec.semantics.cache import SemanticCache
@@ -132,7 +132,7 @@ def test_windows_are_anchored_at_the_training_sequence(split: LeaveOneOutSplit, 
 
 
 def test_local_llm_backend_runs_through_shared_loader(tmp_path: Path) -> None:
-    """The refactored local-llm backend loads a Hugging Face folder via llm_common and generates."""
+    """The refactored local-llm backend loads a Hugging Face folder via llmrec.causal_lm and generates."""
     folder = save_tiny_causal_lm(tmp_path / "tiny")
     with SemanticCache(tmp_path / "c.sqlite") as cache:
         backend = LocalLLMBackend(LocalLLMOptions(model=str(folder), max_tokens=4, min_tokens=4), cache)
@@ -196,7 +196,7 @@ def test_lora_training_moves_yes_probability_of_training_positives_up(split: Lea
     torch.testing.assert_close(reloaded.score_prompts(positives), after, atol=1e-6, rtol=1e-5)
 
 
-def test_llm_common_loads_folders_and_refuses_bad_adapters(tmp_path: Path) -> None:
+def test_causal_lm_loads_folders_and_refuses_bad_adapters(tmp_path: Path) -> None:
     folder = save_tiny_causal_lm(tmp_path / "tiny", seed=3)
     model, tokenizer = load_causal_lm(CausalLMOptions(model=str(folder)))
     assert tokenizer.padding_side == "left" and not model.training
@@ -241,7 +241,7 @@ def test_train_and_score_and_the_cli_run_directory(split: LeaveOneOutSplit, data
             f'[model.summaries.backend_options]\nbase_urls = ["{server.url}"]\nmax_retries = 0\n'
             '[training]\nlr = 0.001\nepochs = 1\nbatch_size = 4\neval_users = 4\n'
             '[evaluation]\nnum_negatives = 20\nfull_ranking = false\n')
-        from prismrec.cli import app
+        from prismrec.cli.app import app
 
         runner = CliRunner()
         trained = runner.invoke(app, ["mllm-msr", "train", "--config", str(config), "--data-dir", str(data_dir),
@@ -453,7 +453,7 @@ def test_a_multimodal_run_attaches_candidate_images_and_records_them(qwen_and_po
     """run_mllm_msr end to end with a Qwen2.5-VL recommender: config.toml and final.json record the images."""
     import shutil
 
-    from prismrec.models.mllm_msr import MLLMMSRConfig, run_mllm_msr
+    from prismrec.llmrec.mllm_msr import MLLMMSRConfig, run_mllm_msr
     from semantics_helpers import MOVIES
 
     folder, data_dir = qwen_and_posters

@@ -13,11 +13,11 @@ from prismrec.config import load_config
 from prismrec.data import load_sequences
 from prismrec.data.split import LeaveOneOutSplit
 from prismrec.models import MODELS
-from prismrec.models.adapters import load_semantic_matrices
-from prismrec.models.cpmm import CPMM, cpmm_losses
-from prismrec.models.enhancer import consecutive_pairs, sample_pairs
-from prismrec.models.qarm import QARM
-from prismrec.models.xreflect import XREFLECT
+from prismrec.models.enhancers.adapters import load_semantic_matrices
+from prismrec.models.enhancers.base import consecutive_pairs, sample_pairs
+from prismrec.models.enhancers.cpmm import CPMM, cpmm_losses
+from prismrec.models.enhancers.qarm import QARM
+from prismrec.models.enhancers.xreflect import XREFLECT
 from prismrec.semantics.prompts import PROMPTS
 from prismrec.training import Trainer
 from semantics_fixtures import write_artefact
@@ -128,7 +128,7 @@ def test_qarm_codes_are_deterministic_and_complete(movielens_like):
 
 def test_qarm_alignment_pulls_co_occurring_items_together(movielens_like):
     _, split, artefact = movielens_like
-    from prismrec.models.qarm import align_embeddings
+    from prismrec.models.enhancers.qarm import align_embeddings
 
     matrices = load_semantic_matrices(artefact, split.dataset, ["text", "visual", "hybrid"])
     x = np.concatenate([matrices[r] for r in ("text", "visual", "hybrid")], axis=1)

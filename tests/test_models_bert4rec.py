@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from prismrec.models import BACKBONES, BackboneOptions, ItemEncoder, build_recommender
-from prismrec.models.bert4rec import BERT4Rec, BERT4RecConfig, MaskedItemRecommender, cloze_mask
+from prismrec.models.backbones.bert4rec import BERT4Rec, BERT4RecConfig, MaskedItemRecommender, cloze_mask
 from prismrec.registry import UnknownComponentError
 
 

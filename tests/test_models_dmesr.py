@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from prismrec.data.dataset import SequenceDataset
-from prismrec.models.adapters import load_semantic_matrices
-from prismrec.models.alignment import one_way_contrastive, symmetric_contrastive
-from prismrec.models.dmesr import DMESR, DMESRConfig
+from prismrec.models.enhancers.adapters import load_semantic_matrices
+from prismrec.models.enhancers.alignment import one_way_contrastive, symmetric_contrastive
+from prismrec.models.enhancers.dmesr import DMESR, DMESRConfig
 from semantics_fixtures import write_artefact
 
 N_ITEMS = 20

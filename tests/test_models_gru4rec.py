@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from prismrec.models.gru4rec import GRU4Rec, GRU4RecConfig, shift_left_padding
+from prismrec.models.backbones.gru4rec import GRU4Rec, GRU4RecConfig, shift_left_padding
 
 
 def _model(**kw) -> GRU4Rec:

@@ -2,8 +2,8 @@ from __future__ import annotations
 
 import torch
 
-from prismrec.models.layers import self_attention_mask
-from prismrec.models.sasrec import SASRec, SASRecConfig
+from prismrec.models.backbones.layers import self_attention_mask
+from prismrec.models.backbones.sasrec import SASRec, SASRecConfig
 
 
 def _model(**kw) -> SASRec:

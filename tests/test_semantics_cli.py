@@ -15,7 +15,7 @@ import pytest
 from typer.testing import CliRunner
 
 from fake_openai_server import FakeOpenAIServer
-from prismrec.cli import app
+from prismrec.cli.app import app
 from prismrec.semantics import load_artefact
 from semantics_helpers import make_tiny_movielens
 

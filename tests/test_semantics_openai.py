@@ -203,8 +203,8 @@ def test_openai_embedder_batches_and_fails_loudly(server: FakeOpenAIServer) -> N
 def test_xreflect_route_is_opt_in_cached_and_feeds_the_xreflect_baseline(server: FakeOpenAIServer, data_dir: Path,
                                                                           tmp_path: Path) -> None:
     from prismrec.data import load_sequences
-    from prismrec.models.adapters import load_semantic_matrices
-    from prismrec.models.xreflect import XREFLECT, XREFLECTConfig
+    from prismrec.models.enhancers.adapters import load_semantic_matrices
+    from prismrec.models.enhancers.xreflect import XREFLECT, XREFLECTConfig
 
     with SemanticCache(tmp_path / "cache.sqlite") as cache:
         plain = asyncio.run(_run(_deriver(cache, data_dir, [server.url], name="xr")))

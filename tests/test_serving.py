@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from prismrec.cli import app as cli_app
+from prismrec.cli.app import app as cli_app
 from prismrec.evaluation.evaluators import pad_left
 from prismrec.models import MODELS
 from prismrec.serving import ExportError, load_export

@@ -13,8 +13,8 @@ from llm_fixtures import save_tiny_causal_lm, tiny_causal_lm
 from prismrec.data import load_sequences
 from prismrec.data.split import LeaveOneOutSplit
 from prismrec.evaluation.evaluators import FullRankingEvaluator, SampledRankingEvaluator
-from prismrec.models.llm_common import LoRAOptions, add_lora
-from prismrec.models.speeder import (
+from prismrec.llmrec.causal_lm import LoRAOptions, add_lora
+from prismrec.llmrec.speeder import (
     MODALITIES,
     MixtureOfModalityExperts,
     Speeder,
@@ -241,7 +241,7 @@ def test_collaborative_table_must_come_from_the_same_data(tiny_data, tmp_path):
 
 
 def test_cli_trains_in_stages_and_writes_the_run(tiny_data, tmp_path):
-    from prismrec.cli import app
+    from prismrec.cli.app import app
 
     root, split, artefact = tiny_data
     model_dir = save_tiny_causal_lm(tmp_path / "tiny-llm")

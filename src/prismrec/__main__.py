@@ -1,4 +1,4 @@
-from prismrec.cli import main
+from prismrec.cli.app import main
 
 if __name__ == "__main__":
     main()

@@ -1,28 +1,25 @@
-"""Typed run configuration: pydantic models, loaded from TOML, with ``--set a.b=value`` overrides.
+"""The run configuration: data, model, training and evaluation sections, loaded from TOML with ``--set a.b=value``.
 
 Every section forbids unknown keys, so a typo (``training.lrr``) is an error naming the key instead of a
 silently ignored option. The ``model`` section is validated by the config class of the model it names
-(looked up in the model registry), so each model owns its options.
+(looked up in :data:`prismrec.models.MODELS`), so each model owns its options. This module sits one layer
+above the models (it imports their registry; they import only :mod:`prismrec.options`, where
+:class:`~prismrec.options.StrictModel`, :class:`~prismrec.options.ModelConfig`, :class:`~prismrec.options.ConfigError`
+and the TOML helpers live).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import tomllib
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, field_validator
+from pydantic import Field, SerializeAsAny, ValidationError, field_validator
 
-
-class ConfigError(ValueError):
-    """A configuration problem, phrased for the person who wrote the file."""
-
-
-class StrictModel(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+from prismrec.models import MODELS
+from prismrec.options import ConfigError, ModelConfig, StrictModel, format_validation_error, read_with_overrides
 
 
 class DataConfig(StrictModel):
@@ -32,12 +29,6 @@ class DataConfig(StrictModel):
     min_user_interactions: int = Field(1, ge=1)
     min_item_interactions: int = Field(1, ge=1)
     options: dict[str, Any] = Field(default_factory=dict, description="loader options (validated by the loader)")
-
-
-class ModelConfig(StrictModel):
-    """Base of every model's options; ``name`` selects the model in the registry."""
-
-    name: str
 
 
 class TrainingConfig(StrictModel):
@@ -89,8 +80,6 @@ class RunConfig(StrictModel):
     @field_validator("model", mode="before")
     @classmethod
     def _model_from_registry(cls, value: Any) -> Any:
-        from prismrec.models import MODELS  # late import: models import this module
-
         if isinstance(value, ModelConfig):
             return value
         if not isinstance(value, dict) or "name" not in value:
@@ -121,91 +110,9 @@ class RunConfig(StrictModel):
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
-def parse_override(text: str) -> tuple[list[str], Any]:
-    """``"training.lr=0.0005"`` -> ``(["training", "lr"], 0.0005)``; values are TOML literals, else strings."""
-    if "=" not in text:
-        raise ConfigError(f"override {text!r} must look like section.key=value")
-    key, raw = text.split("=", 1)
-    parts = [p for p in key.strip().split(".") if p]
-    if not parts:
-        raise ConfigError(f"override {text!r} has an empty key")
-    try:
-        value = tomllib.loads(f"v = {raw.strip()}")["v"]
-    except tomllib.TOMLDecodeError:
-        value = raw.strip()
-    return parts, value
-
-
-def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
-    for override in overrides:
-        parts, value = parse_override(override)
-        node = data
-        for part in parts[:-1]:
-            child = node.setdefault(part, {})
-            if not isinstance(child, dict):
-                raise ConfigError(f"override {override!r}: {part!r} is not a section")
-            node = child
-        node[parts[-1]] = value
-    return data
-
-
-def format_validation_error(exc: ValidationError, source: str) -> str:
-    lines = [f"invalid configuration in {source}:"]
-    for error in exc.errors():
-        loc = ".".join(str(p) for p in error["loc"] if not str(p).startswith("function-"))
-        message = error["msg"]
-        if error["type"] == "extra_forbidden":
-            message = "unknown option (check the spelling; see the documented options of this section)"
-        given = error.get("input")
-        hidden = error["type"] in ("extra_forbidden", "missing") or isinstance(given, dict)
-        shown = "" if hidden else f" (got {given!r})"
-        lines.append(f"  {loc or '(top level)'}: {message}{shown}")
-    return "\n".join(lines)
-
-
 def validate_config(data: dict[str, Any], source: str = "configuration") -> RunConfig:
     try:
         return RunConfig.model_validate(data)
-    except ValidationError as exc:
-        raise ConfigError(format_validation_error(exc, source)) from None
-    except KeyError as exc:  # unknown registry name
-        raise ConfigError(f"invalid configuration in {source}: {exc}") from None
-
-
-def read_toml(path: Path | str, what: str = "config") -> dict[str, Any]:
-    """Parse a TOML file, turning a missing file or a syntax error into a :class:`ConfigError`."""
-    path = Path(path)
-    try:
-        return tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"{what} file not found: {path}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
-
-
-def command_line_overrides(overrides: Sequence[str] | None, data_dir: Path | None = None) -> list[str]:
-    """A command's ``--set`` overrides, plus ``--data-dir`` as the ``data.data_dir`` override (applied last)."""
-    combined = list(overrides or [])
-    if data_dir is not None:
-        combined.append(f"data.data_dir={json.dumps(str(data_dir))}")
-    return combined
-
-
-def read_with_overrides(path: Path | str | None, overrides: Sequence[str] = ()) -> tuple[dict[str, Any], str]:
-    """A TOML file (or nothing) with ``section.key=value`` overrides applied, and where it came from."""
-    data = read_toml(path) if path is not None else {}
-    return apply_overrides(data, overrides), str(path) if path is not None else "command-line overrides"
-
-
-ConfigModel = TypeVar("ConfigModel", bound=BaseModel)
-
-
-def load_typed_config(model: type[ConfigModel], path: Path | str | None,
-                      overrides: Sequence[str] = ()) -> ConfigModel:
-    """Any pydantic config model (MLLM-MSR, Speeder, ...) from TOML + overrides; errors name file and key."""
-    data, source = read_with_overrides(path, overrides)
-    try:
-        return model.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(format_validation_error(exc, source)) from None
     except KeyError as exc:  # unknown registry name
@@ -218,29 +125,3 @@ def load_config(path: Path | str | None, overrides: Sequence[str] = ()) -> RunCo
     return validate_config(data, source)
 
 
-def dump_toml(data: dict[str, Any]) -> str:
-    """A small TOML writer for resolved configs (tables of scalars, lists and nested tables)."""
-
-    def scalar(value: Any) -> str:
-        if isinstance(value, bool):
-            return "true" if value else "false"
-        if isinstance(value, int | float):
-            return repr(value)
-        if isinstance(value, list):
-            return "[" + ", ".join(scalar(v) for v in value) + "]"
-        return json.dumps(str(value))
-
-    out: list[str] = []
-
-    def table(prefix: str, node: dict[str, Any]) -> None:
-        simple = {k: v for k, v in node.items() if not isinstance(v, dict) and v is not None}
-        nested = {k: v for k, v in node.items() if isinstance(v, dict)}
-        if prefix:
-            out.append(f"\n[{prefix}]")
-        for key, value in simple.items():
-            out.append(f"{key} = {scalar(value)}")
-        for key, value in nested.items():
-            table(f"{prefix}.{key}" if prefix else key, value)
-
-    table("", data)
-    return "\n".join(out).lstrip() + "\n"

@@ -10,7 +10,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from prismrec.config import ConfigError
 from prismrec.data.paths import output_dir
 from prismrec.experiments.report import load_carried_rows, paired_t_test, write_report
 from prismrec.experiments.runner import CellResult, ExperimentRunner
@@ -22,6 +21,7 @@ from prismrec.experiments.spec import (
     restrict_backbones,
     restrict_methods,
 )
+from prismrec.options import ConfigError
 
 __all__ = ["Cell", "CellResult", "ExperimentRunner", "ExperimentSpec", "expand_cells", "experiment_path",
            "load_experiment", "paired_t_test", "reproduce", "restrict_backbones", "restrict_methods",

@@ -39,10 +39,11 @@ from safetensors.numpy import load_file as load_numpy
 from safetensors.numpy import save_file as save_numpy
 from safetensors.torch import load_file
 
-from prismrec.config import ConfigError, RunConfig
+from prismrec.config import RunConfig
 from prismrec.data.paths import output_dir
 from prismrec.data.split import LeaveOneOutSplit
 from prismrec.experiments.spec import Cell, ExperimentSpec
+from prismrec.options import ConfigError
 from prismrec.semantics.artefact import ArtefactError, artefact_ready, artefacts_named, derive_command
 from prismrec.training.runs import load_run_config, write_json
 from prismrec.training.trainer import (

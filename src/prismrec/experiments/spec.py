@@ -17,7 +17,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from prismrec.config import ConfigError, RunConfig, format_validation_error, load_config, read_toml
+from prismrec.config import RunConfig, load_config
+from prismrec.options import ConfigError, format_validation_error, read_toml
 
 FigureKind = Literal["sweep", "longtail", "methods"]
 _NAME = r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$"

@@ -17,10 +17,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from prismrec.config import ModelConfig
 from prismrec.data.split import LeaveOneOutSplit
 from prismrec.evaluation.evaluators import pad_left
 from prismrec.models.losses import bce_one_negative, full_softmax_ce
+from prismrec.options import ModelConfig
 
 
 class ItemEncoder(nn.Module):

@@ -10,10 +10,10 @@ from typing import ClassVar, Literal
 import numpy as np
 import torch
 
-from prismrec.config import ModelConfig
 from prismrec.data.split import LeaveOneOutSplit
 from prismrec.models.base import Recommender
 from prismrec.models.registry import MODELS
+from prismrec.options import ModelConfig
 
 
 class PopularityConfig(ModelConfig):

@@ -37,10 +37,10 @@ import pyarrow.parquet as pq
 import torch
 from safetensors.torch import load_file, save_file
 
-from prismrec.config import RunConfig, dump_toml, load_config
+from prismrec.config import RunConfig, load_config
 from prismrec.data.dataset import SequenceDataset
 from prismrec.models import MODELS, Recommender
-from prismrec.models import dmesr as _dmesr  # noqa: F401  (registers "dmesr" for configs naming it)
+from prismrec.options import dump_toml
 from prismrec.serving.inference import Ranker, item_tensors
 
 EXPORT_FORMAT = "prismrec-export/1"

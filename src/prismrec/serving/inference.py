@@ -6,7 +6,7 @@ DMESR, and the item-side enhancer baselines CPMM, QARM and X-REFLECT) is put in 
 ``[e^coarse : e^fine]`` (Eq. 6): its item side is user-independent, precomputed at export time and loaded
 from ``item_tables.safetensors``, so serving never runs the adapters. Its two views go through the shared
 backbone as one stacked batch (one pass instead of two). The baselines
-(:class:`~prismrec.models.enhancer.EnhancedRecommender`) store their backbone's output item matrix
+(:class:`~prismrec.models.enhancers.base.EnhancedRecommender`) store their backbone's output item matrix
 (``output_items()``: every item through the baseline's encoder, computed once at export) and compute the
 user side with ``user_vectors()``, which encodes only the items of the request's histories. Models without
 a dot-product form (popularity) are ranked with their own ``score``. At load the dot-product form is
@@ -40,8 +40,8 @@ def _dmesr_parts(model: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
 
 def item_tensors(model: Recommender) -> dict[str, torch.Tensor]:
     """The user-independent item tensors an export stores (empty when the model has no dot-product form)."""
-    from prismrec.models.dmesr import DMESR
-    from prismrec.models.enhancer import EnhancedRecommender
+    from prismrec.models.enhancers.base import EnhancedRecommender
+    from prismrec.models.enhancers.dmesr import DMESR
 
     if isinstance(model, DMESR):
         coarse, fine = _dmesr_parts(model)
@@ -108,8 +108,8 @@ class Ranker:
 
     @classmethod
     def build(cls, model: Recommender, tables: dict[str, torch.Tensor], index: IndexKind = "exact") -> Ranker:
-        from prismrec.models.dmesr import DMESR
-        from prismrec.models.enhancer import EnhancedRecommender
+        from prismrec.models.enhancers.base import EnhancedRecommender
+        from prismrec.models.enhancers.dmesr import DMESR
 
         model.eval()
         user_vectors = None

@@ -17,8 +17,9 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from prismrec.config import RunConfig, dump_toml, load_config
+from prismrec.config import RunConfig, load_config
 from prismrec.data.paths import output_dir
+from prismrec.options import dump_toml
 
 TRACKED_PACKAGES = ("prismrec", "torch", "numpy", "pandas", "pydantic", "safetensors", "sentence-transformers",
                     "transformers", "scipy")

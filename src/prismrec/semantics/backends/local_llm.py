@@ -20,7 +20,7 @@ from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from prismrec.models.llm_common import (
+from prismrec.llmrec.causal_lm import (
     PACKAGED_SMOLLM2,
     SMOLLM2_FILE,
     CausalLMOptions,
@@ -34,7 +34,7 @@ from prismrec.semantics.backends.transformers import generate_answers
 from prismrec.semantics.cache import SemanticCache
 from prismrec.semantics.types import GenerationRequest, GenerationResult
 
-# Loading (GGUF dequantisation, the converted-folder cache) lives in prismrec.models.llm_common, shared with
+# Loading (GGUF dequantisation, the converted-folder cache) lives in prismrec.llmrec.causal_lm, shared with
 # the LLM-as-recommender models; these names stay importable from here.
 __all__ = ["PACKAGED_SMOLLM2", "SMOLLM2_FILE", "LocalLLMBackend", "LocalLLMOptions", "packaged_smollm2"]
 

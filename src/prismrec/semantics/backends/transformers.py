@@ -8,7 +8,7 @@ Inputs are built with ``AutoProcessor`` where it loads. The stock Qwen2.5-VL pro
 (for its fast image processor); where torchvision does not import, the inputs are built from the
 tokenizer's chat template and the PIL image processor directly, expanding each image placeholder to
 ``grid_t * grid_h * grid_w / merge_size**2`` image tokens exactly as the processor would
-(:func:`prismrec.models.llm_common.image_text_inputs`, shared with MLLM-MSR's multimodal recommender).
+(:func:`prismrec.llmrec.causal_lm.image_text_inputs`, shared with MLLM-MSR's multimodal recommender).
 
 Example (weights downloaded beforehand, e.g. ``huggingface-cli download Qwen/Qwen2.5-VL-3B-Instruct``)::
 
@@ -27,7 +27,7 @@ from typing import Any, ClassVar, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from prismrec.models.llm_common import image_text_inputs, load_image_processor, open_rgb_image
+from prismrec.llmrec.causal_lm import image_text_inputs, load_image_processor, open_rgb_image
 from prismrec.semantics.backends.base import BACKENDS, Backend, ImageInput
 from prismrec.semantics.cache import SemanticCache
 from prismrec.semantics.types import ChatMessage, Generation, GenerationRequest, GenerationResult

@@ -12,7 +12,6 @@ from pydantic import BaseModel, ValidationError
 from rich.console import Console
 from rich.table import Table
 
-from prismrec.cli import app
 from prismrec.data import DataError
 from prismrec.data.paths import output_dir
 from prismrec.registry import UnknownComponentError
@@ -32,11 +31,12 @@ from prismrec.semantics.cache import ItemResult, SemanticCache
 from prismrec.semantics.derive import default_cache_path, load_items
 from prismrec.semantics.types import ItemRecord
 
+commands = typer.Typer()  # merged into the top level by prismrec.cli.app
+
 console = Console()
 err_console = Console(stderr=True)
 
 semantics_app = typer.Typer(no_args_is_help=True, help="Inspect derived item semantics.")
-app.add_typer(semantics_app, name="semantics")
 
 CacheOption = Annotated[Path | None, typer.Option("--cache", help="SQLite cache file (default: "
                                                   "$PRISMREC_HOME/cache/semantics.sqlite)")]
@@ -57,7 +57,7 @@ def build_options(model_cls: type[BaseModel], what: str, given: dict[str, object
     return model_cls(**provided)
 
 
-@app.command("derive")
+@commands.command("derive")
 def derive(
     dataset: Annotated[str, typer.Argument(help="dataset name, e.g. movielens-small")],
     backend: Annotated[str, typer.Option(help=f"generation backend: {', '.join(BACKENDS.names())}")] = "describe",

@@ -8,27 +8,17 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.table import Table
 
-from prismrec.cli import app
-from prismrec.config import ConfigError, command_line_overrides, load_config
+from prismrec.cli.common import metrics_table
 from prismrec.data.errors import DataError
+from prismrec.options import ConfigError, command_line_overrides
+
+commands = typer.Typer()  # merged into the top level by prismrec.cli.app
 
 console = Console()
 
 
-def metrics_table(title: str, final: dict[str, dict[str, float]],
-                  names: tuple[str, ...] = ("hit@10", "ndcg@10")) -> Table:
-    table = Table(title=title)
-    table.add_column("split / mode")
-    for name in names:
-        table.add_column(name, justify="right")
-    for key, metrics in final.items():
-        table.add_row(key, *(f"{metrics[n]:.4f}" for n in names))
-    return table
-
-
-@app.command()
+@commands.command()
 def train(
     config: Annotated[Path | None, typer.Option("--config", "-c", help="TOML run configuration")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="override, e.g. training.lr=0.0005")] = None,
@@ -41,6 +31,7 @@ def train(
 
     Under ``torchrun --nproc_per_node N -m prismrec train ...`` it trains data parallel; rank 0 writes.
     """
+    from prismrec.config import load_config
     from prismrec.training import Trainer
     from prismrec.training.checkpoint import CheckpointError
     from prismrec.training.runs import load_run_config
@@ -76,7 +67,7 @@ def train(
         console.print(f"saved: {outcome.run_dir}")
 
 
-@app.command()
+@commands.command()
 def evaluate(
     run_dir: Annotated[Path, typer.Argument(help="a run directory written by `prismrec train`")],
     data_dir: Annotated[Path | None, typer.Option("--data-dir")] = None,

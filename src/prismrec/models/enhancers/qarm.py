@@ -5,7 +5,7 @@ Pipeline, run once when the model is built (deterministic for the run seed):
 
 1. **Item alignment.** The frozen MLLM item embeddings ``x_i`` are aligned to collaborative signals by
    contrastive fine-tuning against item pairs that co-occur in the *training* sequences: a projection head
-   ``g`` (DMESR's :class:`~prismrec.models.adapters.Adapter`, d0 -> d0/2 -> ``aligned_dim``) is trained with
+   ``g`` (DMESR's :class:`~prismrec.models.enhancers.adapters.Adapter`, d0 -> d0/2 -> ``aligned_dim``) is trained with
    in-batch InfoNCE (:func:`symmetric_contrastive`) so that ``g(x_i)`` and ``g(x_j)`` of a co-occurring pair
    are close; ``a_i = g(x_i) / |g(x_i)|``.
 2. **Vector quantisation (VQ).** k-means (scikit-learn) with ``vq_codebook_size`` centroids over all
@@ -57,9 +57,10 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from prismrec.data.split import LeaveOneOutSplit
-from prismrec.models.adapters import Activation, Adapter, load_semantic_matrices
-from prismrec.models.alignment import symmetric_contrastive
-from prismrec.models.enhancer import (
+from prismrec.models.backbones.sasrec import xavier_init
+from prismrec.models.enhancers.adapters import Activation, Adapter, load_semantic_matrices
+from prismrec.models.enhancers.alignment import symmetric_contrastive
+from prismrec.models.enhancers.base import (
     EnhancedRecommender,
     EnhancerConfig,
     UniqueItemEncoder,
@@ -67,7 +68,6 @@ from prismrec.models.enhancer import (
     sample_pairs,
 )
 from prismrec.models.registry import MODELS
-from prismrec.models.sasrec import xavier_init
 
 SourceRoute = Literal["text", "visual", "hybrid", "original"]
 

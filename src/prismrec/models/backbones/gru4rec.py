@@ -17,10 +17,10 @@ from pydantic import Field
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from prismrec.config import ModelConfig
 from prismrec.data.split import LeaveOneOutSplit
 from prismrec.models.base import IdItemEmbedding, ItemEncoder, SequenceBackbone, SequentialRecommender
 from prismrec.models.registry import MODELS
+from prismrec.options import ModelConfig
 
 
 class GRU4RecConfig(ModelConfig):

@@ -10,9 +10,10 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from prismrec.cli import app
-from prismrec.config import ConfigError, command_line_overrides
 from prismrec.data.errors import DataError
+from prismrec.options import ConfigError, command_line_overrides
+
+commands = typer.Typer()  # merged into the top level by prismrec.cli.app
 
 console = Console()
 
@@ -32,7 +33,7 @@ def _names(text: str | None) -> list[str] | None:
     return names or None
 
 
-@app.command()
+@commands.command()
 def reproduce(
     experiment: Annotated[str, typer.Argument(help="table2, table3, longtail, alpha, dim, mllm (a file in "
                                                    "configs/experiments/) or the path of an experiment TOML")],

@@ -32,11 +32,11 @@ we follow the public description of its code and record the choice):
    of reach (one LLM forward per candidate) and refused.
 
 Candidate images: when the recommender's LLM is multimodal (a Qwen2.5-VL folder, loaded by
-:func:`~prismrec.models.llm_common.load_causal_lm`) and ``candidate_image`` is on (default), the candidate's
+:func:`~prismrec.llmrec.causal_lm.load_causal_lm`) and ``candidate_image`` is on (default), the candidate's
 image (``SequenceDataset.image_path``) is attached to its prompt, right after "Candidate item:" and before
 its text (template ``mllm-msr-recommend-image``), for LoRA training and for scoring alike, batched: the
 images of a batch go through the PIL image processor together and each placeholder is expanded to its
-image tokens (:func:`~prismrec.models.llm_common.image_text_inputs`, no torchvision). Images are shrunk to
+image tokens (:func:`~prismrec.llmrec.causal_lm.image_text_inputs`, no torchvision). Images are shrunk to
 ``image_max_side`` pixels (224) on their longer side first (vision tokens are the cost on CPU) and kept in
 a small in-memory LRU. A candidate without an image, or whose file cannot be read (a warning names the item
 and the file, once), gets the text-only prompt; :class:`CandidateImages` records which and why, and the
@@ -68,21 +68,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from prismrec.config import (
-    ConfigError,
-    DataConfig,
-    EvaluationConfig,
-    StrictModel,
-    dump_toml,
-    format_validation_error,
-    load_typed_config,
-)
+from prismrec.config import DataConfig, EvaluationConfig
 from prismrec.data.dataset import SequenceDataset
 from prismrec.data.loaders import load_sequences
 from prismrec.data.split import LeaveOneOutSplit, Stage
 from prismrec.evaluation.evaluators import SampledRankingEvaluator, pad_left
 from prismrec.evaluation.metrics import metrics_from_ranks, rank_of_positive
-from prismrec.models.llm_common import (
+from prismrec.llmrec.causal_lm import (
     CausalLMOptions,
     LoRAOptions,
     add_lora,
@@ -100,6 +92,7 @@ from prismrec.models.llm_common import (
     save_lora_adapter,
     yes_probability,
 )
+from prismrec.options import ConfigError, StrictModel, dump_toml, format_validation_error, load_typed_config
 from prismrec.semantics.backends.base import BACKENDS, Backend, answer_problem
 from prismrec.semantics.cache import SemanticCache
 from prismrec.semantics.prompts import PromptTemplate, Route, register_template

@@ -8,7 +8,7 @@ An enhancer's config says ``backbone = "sasrec"`` (or ``"bert4rec"``, ``"gru4rec
 or, to assemble things itself, ``spec = BACKBONES.get(name)``, ``backbone = spec.build(options)`` and train
 it the way ``spec.objective`` says: ``"next_item"`` (every position predicts the following item,
 :class:`~prismrec.models.base.SequentialRecommender`) or ``"cloze"`` (masked items predicted from both
-sides, scored at an appended mask, :class:`~prismrec.models.bert4rec.MaskedItemRecommender`). Every
+sides, scored at an appended mask, :class:`~prismrec.models.backbones.bert4rec.MaskedItemRecommender`). Every
 backbone takes (B, L, d) item vectors and a (B, L) padding mask and returns (B, L, d) hidden states, so
 the item vectors may come from any :class:`~prismrec.models.base.ItemEncoder`.
 """
@@ -21,10 +21,10 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from prismrec.models.backbones.bert4rec import BERT4RecEncoder, MaskedItemRecommender
+from prismrec.models.backbones.gru4rec import GRU4RecEncoder
+from prismrec.models.backbones.sasrec import SASRecEncoder, xavier_init
 from prismrec.models.base import ItemEncoder, SequenceBackbone, SequentialRecommender
-from prismrec.models.bert4rec import BERT4RecEncoder, MaskedItemRecommender
-from prismrec.models.gru4rec import GRU4RecEncoder
-from prismrec.models.sasrec import SASRecEncoder, xavier_init
 from prismrec.registry import Registry
 
 Objective = Literal["next_item", "cloze"]

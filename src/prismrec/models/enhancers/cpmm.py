@@ -5,7 +5,7 @@ What the descriptions say, and how it is done here:
 
 * **Item vector = sum of the projected textual and visual representations.** ``h^t = P_t(e^t)``,
   ``h^v = P_v(e^v)``, ``e_i = h^t_i + h^v_i``, replacing the ID embedding; ``P_t``, ``P_v`` are DMESR's
-  :class:`~prismrec.models.adapters.Adapter` (two affine maps, d0 -> d0/2 -> d).
+  :class:`~prismrec.models.enhancers.adapters.Adapter` (two affine maps, d0 -> d0/2 -> d).
 * **Semantic purification by Gaussian noise** on the representations while training: ``h + sigma * rms(h)
   * N(0, I)`` on ``h^t`` and ``h^v`` separately (before the sum). Off at evaluation (``model.eval()``).
 * **In-batch contrastive loss between the modalities** ``L_cl``: :func:`symmetric_contrastive` between
@@ -48,7 +48,7 @@ Choices the descriptions leave open (each switchable in :class:`CPMMConfig`):
   vectors their mean norm from before the stage (a change none of the CPMM losses can see).
 * Loss weights ``w_cl = w_shift = w_co = 0.1`` (DMESR's default alpha); the descriptions give none.
 * Backbones: SASRec, BERT4Rec (cloze objective, mask vector at masked positions) and GRU4Rec, through
-  :func:`~prismrec.models.backbones.build_recommender` (see :mod:`prismrec.models.enhancer`); the auxiliary
+  :func:`~prismrec.models.backbones.build_recommender` (see :mod:`prismrec.models.enhancers.base`); the auxiliary
   losses only read the batch's targets, so they apply unchanged to cloze batches.
 * ``id_embedding`` (off): optionally add a learned ID embedding, as DMESR's option.
 """
@@ -64,9 +64,10 @@ from pydantic import Field
 from torch import nn
 
 from prismrec.data.split import LeaveOneOutSplit
-from prismrec.models.adapters import Activation, Adapter, SemanticItemTables, load_semantic_matrices
-from prismrec.models.alignment import AlignmentForm, symmetric_contrastive
-from prismrec.models.enhancer import (
+from prismrec.models.backbones.sasrec import xavier_init
+from prismrec.models.enhancers.adapters import Activation, Adapter, SemanticItemTables, load_semantic_matrices
+from prismrec.models.enhancers.alignment import AlignmentForm, symmetric_contrastive
+from prismrec.models.enhancers.base import (
     EnhancedRecommender,
     EnhancerConfig,
     UniqueItemEncoder,
@@ -74,7 +75,6 @@ from prismrec.models.enhancer import (
     sample_pairs,
 )
 from prismrec.models.registry import MODELS
-from prismrec.models.sasrec import xavier_init
 
 
 class CPMMConfig(EnhancerConfig):

@@ -44,22 +44,22 @@ from pydantic import Field
 from torch import nn
 
 from prismrec.data.split import LeaveOneOutSplit
-from prismrec.models.adapters import (
+from prismrec.models.backbones import BACKBONES
+from prismrec.models.backbones.bert4rec import cloze_batch
+from prismrec.models.backbones.sasrec import xavier_init
+from prismrec.models.base import Recommender, next_item_batch
+from prismrec.models.enhancers.adapters import (
     Activation,
     Adapter,
     SemanticItemTables,
     load_semantic_matrices,
     unique_with_inverse,
 )
-from prismrec.models.alignment import AlignmentForm, symmetric_contrastive
-from prismrec.models.backbones import BACKBONES
-from prismrec.models.base import Recommender, next_item_batch
-from prismrec.models.bert4rec import cloze_batch
-from prismrec.models.cross_attention import BidirectionalCrossAttention
-from prismrec.models.enhancer import EnhancerConfig
+from prismrec.models.enhancers.alignment import AlignmentForm, symmetric_contrastive
+from prismrec.models.enhancers.base import EnhancerConfig
+from prismrec.models.enhancers.cross_attention import BidirectionalCrossAttention
 from prismrec.models.losses import bce_one_negative, full_softmax_ce
 from prismrec.models.registry import MODELS
-from prismrec.models.sasrec import xavier_init
 
 ROUTES = ("text", "visual", "hybrid", "original")
 

@@ -21,7 +21,7 @@ What is concatenated (in this order):
 
 Choices the descriptions leave open (switchable in :class:`XREFLECTConfig`):
 
-* Adapter: DMESR's :class:`~prismrec.models.adapters.Adapter` (two affine maps, 3 d0 -> 3 d0 / 2 -> d), no
+* Adapter: DMESR's :class:`~prismrec.models.enhancers.adapters.Adapter` (two affine maps, 3 d0 -> 3 d0 / 2 -> d), no
   activation by default, like DMESR's adapters; no normalisation of the parts (all come from one embedder).
 * The original item text (``original`` matrix) is not a *generated* description, so it is not included
   unless ``include_original = true``.
@@ -40,10 +40,10 @@ from pydantic import Field
 from torch import nn
 
 from prismrec.data.split import LeaveOneOutSplit
-from prismrec.models.adapters import Activation, Adapter, SemanticItemTables, load_semantic_matrices
-from prismrec.models.enhancer import EnhancedRecommender, EnhancerConfig, UniqueItemEncoder
+from prismrec.models.backbones.sasrec import xavier_init
+from prismrec.models.enhancers.adapters import Activation, Adapter, SemanticItemTables, load_semantic_matrices
+from prismrec.models.enhancers.base import EnhancedRecommender, EnhancerConfig, UniqueItemEncoder
 from prismrec.models.registry import MODELS
-from prismrec.models.sasrec import xavier_init
 
 DESCRIPTION_ROUTES = ("text", "visual", "hybrid")
 XREFLECT_ROUTE = "xreflect"

@@ -26,9 +26,9 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from prismrec.config import ModelConfig
 from prismrec.data.split import LeaveOneOutSplit
 from prismrec.evaluation.evaluators import pad_left
+from prismrec.models.backbones.layers import TransformerBlock, self_attention_mask
 from prismrec.models.base import (
     IdItemEmbedding,
     ItemEncoder,
@@ -36,8 +36,8 @@ from prismrec.models.base import (
     SequentialRecommender,
     sample_training_negatives,
 )
-from prismrec.models.layers import TransformerBlock, self_attention_mask
 from prismrec.models.registry import MODELS
+from prismrec.options import ModelConfig
 
 
 class BERT4RecConfig(ModelConfig):

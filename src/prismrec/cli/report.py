@@ -10,8 +10,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from prismrec.cli import app
 from prismrec.data.paths import prismrec_home
+
+commands = typer.Typer()  # merged into the top level by prismrec.cli.app
 
 console = Console()
 
@@ -30,7 +31,7 @@ def resolve_run(name_or_dir: str) -> Path:
     return finished[-1]
 
 
-@app.command()
+@commands.command()
 def compare(
     runs: Annotated[list[str], typer.Argument(help="run directories or run names (newest run of that name)")],
     metrics: Annotated[str, typer.Option(help="comma-separated metric names")] = "hit@10,ndcg@10",

@@ -9,15 +9,16 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from prismrec.cli import app
-from prismrec.config import ConfigError
 from prismrec.data.errors import DataError
+from prismrec.options import ConfigError
+
+commands = typer.Typer()  # merged into the top level by prismrec.cli.app
 
 console = Console(stderr=True, soft_wrap=True)
 TOKEN_ENV = "PRISMREC_SERVE_TOKEN"
 
 
-@app.command()
+@commands.command()
 def export(
     run_dir: Annotated[Path, typer.Argument(help="a run directory written by `prismrec train`")],
     out_dir: Annotated[Path, typer.Argument(help="folder to write the export into (created or replaced)")],
@@ -46,7 +47,7 @@ def _load(out_dirs: list[Path], data_dir: Path | None, index: str) -> list:
         raise typer.Exit(2) from None
 
 
-@app.command()
+@commands.command()
 def serve(
     out_dirs: Annotated[list[Path], typer.Argument(help="one or more exports; the explorer compares them")],
     host: Annotated[str, typer.Option(help="address to bind (default: loopback only)")] = "127.0.0.1",
@@ -78,7 +79,7 @@ def serve(
     uvicorn.run(application, host=host, port=port, log_level="warning", access_log=access_log)
 
 
-@app.command()
+@commands.command()
 def recommend(
     out_dir: Annotated[Path, typer.Argument(help="an export written by `prismrec export`")],
     users: Annotated[Path, typer.Option("--users", help="CSV with a 'user' column (and optional 'history')")],

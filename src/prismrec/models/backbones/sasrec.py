@@ -16,11 +16,11 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from prismrec.config import ModelConfig
 from prismrec.data.split import LeaveOneOutSplit
+from prismrec.models.backbones.layers import TransformerBlock, self_attention_mask
 from prismrec.models.base import IdItemEmbedding, ItemEncoder, SequenceBackbone, SequentialRecommender
-from prismrec.models.layers import TransformerBlock, self_attention_mask
 from prismrec.models.registry import MODELS
+from prismrec.options import ModelConfig
 
 
 class SASRecConfig(ModelConfig):

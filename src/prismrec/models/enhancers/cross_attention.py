@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-from prismrec.models.layers import self_attention_mask
+from prismrec.models.backbones.layers import self_attention_mask
 
 
 class CrossAttention(nn.Module):

@@ -9,9 +9,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from prismrec.cli import data_app
 from prismrec.data import DATASETS, DataError, SequenceDataset, build_sequences
 
+data_app = typer.Typer(no_args_is_help=True, help="Inspect, download and prepare datasets.")
 console = Console()
 
 DataDirOption = Annotated[

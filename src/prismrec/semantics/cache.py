@@ -72,6 +72,20 @@ CREATE TABLE IF NOT EXISTS derivations (
     created_at REAL NOT NULL,
     updated_at REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS derivation_runs (
+    name TEXT NOT NULL,
+    finished_at REAL NOT NULL,
+    wall_s REAL NOT NULL,
+    model_calls INTEGER NOT NULL,
+    prompt_tokens INTEGER NOT NULL,
+    completion_tokens INTEGER NOT NULL,
+    written INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS notes (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL,
+    updated_at REAL NOT NULL
+);
 CREATE TABLE IF NOT EXISTS item_results (
     name TEXT NOT NULL,
     route TEXT NOT NULL,
@@ -239,6 +253,28 @@ class SemanticCache:
 
     def derivation_names(self) -> list[str]:
         return [r[0] for r in self._query("SELECT name FROM derivations ORDER BY name")]
+
+    def record_run(self, name: str, *, wall_s: float, model_calls: int, prompt_tokens: int, completion_tokens: int,
+                   written: bool) -> None:
+        """One finished ``derive`` run of ``name``: wall time, model calls and the tokens of fresh answers."""
+        with self._transaction() as conn:
+            conn.execute("INSERT INTO derivation_runs VALUES (?,?,?,?,?,?,?)",
+                         (name, time.time(), wall_s, model_calls, prompt_tokens, completion_tokens, int(written)))
+
+    def runs(self, name: str) -> list[dict]:
+        rows = self._query("SELECT finished_at, wall_s, model_calls, prompt_tokens, completion_tokens, written "
+                           "FROM derivation_runs WHERE name = ? ORDER BY finished_at", (name,))
+        keys = ("finished_at", "wall_s", "model_calls", "prompt_tokens", "completion_tokens", "written")
+        return [dict(zip(keys, row, strict=True)) for row in rows]
+
+    def get_note(self, key: str) -> str | None:
+        """A small fact learnt about a server or model (e.g. that it refuses images), kept across runs."""
+        rows = self._query("SELECT value FROM notes WHERE key = ?", (key,))
+        return rows[0][0] if rows else None
+
+    def put_note(self, key: str, value: str) -> None:
+        with self._transaction() as conn:
+            conn.execute("INSERT OR REPLACE INTO notes VALUES (?,?,?)", (key, value, time.time()))
 
     def put_item_results(self, name: str, results: Iterable[ItemResult]) -> None:
         """Record outcomes (one transaction; the answers themselves were committed as they arrived)."""

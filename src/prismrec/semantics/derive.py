@@ -183,6 +183,9 @@ class Deriver:
         self.analyser: ImageAnalyser = getattr(backend, "analyser", None) or ImageAnalyser(cache)
         self._analyses: dict[str, tuple[dict, np.ndarray]] = {}
         self._in_flight: dict[str, asyncio.Future[GenerationResult]] = {}
+        #: tokens of the answers this run received from the model (cache hits excluded)
+        self.fresh_prompt_tokens = 0
+        self.fresh_completion_tokens = 0
 
     @property
     def routes(self) -> tuple[Route, ...]:
@@ -215,6 +218,8 @@ class Deriver:
             return textual, None
         if item.image_path is None or item.image_sha is None:
             return textual, "no_image"
+        if self.backend.image_input == "none":
+            return textual, "image_input_none"
         if self.backend.image_input == "analysis" and item.image_sha not in self._analyses:
             return textual, "unreadable_image"
         reference, image = self._image_reference(item)
@@ -277,6 +282,8 @@ class Deriver:
                     answer = GenerationFailure(problem)
                 else:
                     request = requests[i]
+                    self.fresh_prompt_tokens += answer.prompt_tokens
+                    self.fresh_completion_tokens += answer.completion_tokens
                     self.cache.put_generation(keys[i], backend=self.backend.backend_name, model=self.backend.model,
                                               template=request.template_key, route=request.route.value,
                                               item=request.item.external_id, turn=request.turn, generation=answer)
@@ -296,7 +303,7 @@ class Deriver:
             if isinstance(result, Generation):
                 outcomes.append(_RouteOutcome(result.text, None, 0, result.prompt_tokens, result.completion_tokens))
             else:
-                outcomes.append(_RouteOutcome(None, f"{result.reason} (after {result.attempts} attempt(s))", 0, 0, 0))
+                outcomes.append(_RouteOutcome(None, result.describe(), 0, 0, 0))
         templates = [r.template_key for r in requests]
         refine = (route == Route.HYBRID and self.options.hybrid_mode == HybridMode.MULTI_TURN
                   and self.backend.iterates_internally)
@@ -314,7 +321,7 @@ class Deriver:
                 for i, ask, answer in zip(active, asks, answers, strict=True):
                     outcome = outcomes[i]
                     if isinstance(answer, GenerationFailure):
-                        outcome.error = f"refinement turn {turn}: {answer.reason} (after {answer.attempts} attempt(s))"
+                        outcome.error = f"refinement turn {turn}: {answer.describe()}"
                         outcome.text = None
                         continue
                     outcome.rounds = turn
@@ -371,6 +378,8 @@ class Deriver:
         self.cache.start_derivation(name, facts["dataset"], len(items), self.public_config(facts))
         timings: dict[str, float] = {}
 
+        if self.backend.probe_images:
+            await self.settle_image_input(items)
         with _RateProgress(self.console) as progress:
             if self.backend.image_input == "analysis":
                 t0 = time.perf_counter()
@@ -391,13 +400,15 @@ class Deriver:
             report.counts[route.value] = Counter(
                 {"ok": sum(r.status == "ok" for r in rows), "failed": sum(r.status == "failed" for r in rows),
                  "fallback_no_image": sum(r.fallback == "no_image" for r in rows),
-                 "fallback_unreadable_image": sum(r.fallback == "unreadable_image" for r in rows)})
+                 "fallback_unreadable_image": sum(r.fallback == "unreadable_image" for r in rows),
+                 "fallback_image_input_none": sum(r.fallback == "image_input_none" for r in rows)})
             report.failures.extend(r for r in rows if r.status == "failed")
         report.model_calls = self.backend.calls
         report.images_analysed = self.analyser.images_analysed
         if report.failures and self.options.allow_fallback is None:
             report.elapsed_s = time.perf_counter() - started
             report.timings = timings
+            self._record_run(name, report)
             return report
 
         t0 = time.perf_counter()
@@ -408,7 +419,44 @@ class Deriver:
         report.written = True
         report.elapsed_s = time.perf_counter() - started
         report.timings = timings
+        self._record_run(name, report)
         return report
+
+    def _record_run(self, name: str, report: DeriveReport) -> None:
+        """What this run cost (wall time, model calls, fresh tokens), for ``prismrec semantics status``."""
+        self.cache.record_run(name, wall_s=report.elapsed_s, model_calls=report.model_calls,
+                              prompt_tokens=self.fresh_prompt_tokens, completion_tokens=self.fresh_completion_tokens,
+                              written=report.written)
+
+    async def settle_image_input(self, items: list[ItemRecord]) -> None:
+        """``image_input = auto``: find out whether the server takes images, before sending many.
+
+        One image request goes first (the first poster's visual prompt; answered from the cache when an earlier
+        run asked it). If the server answers that it does not take images, the rest of the run sends the poster
+        analysis text instead, and the verdict is kept in the cache for this server and model so that a rerun
+        asks nothing again. Any other outcome (an answer, or a failure of another kind) keeps images attached.
+        """
+        note = f"image_input:{self.backend.capability_key()}"
+        if self.cache.get_note(note) == "unsupported":
+            self.backend.use_image_input("analysis")
+            self.console.print("[yellow]images:[/yellow] this server and model refused images in an earlier run: "
+                               "sending the poster analysis text instead (--image-input attached tries images "
+                               "again, --image-input none skips them)")
+            return
+        probe = next((item for item in items if item.image_path is not None and item.image_sha is not None), None)
+        if probe is None:
+            self.backend.use_image_input("attached")
+            return
+        request, _ = self.initial_request(probe, Route.VISUAL)
+        [answer] = await self.generate([request])
+        if isinstance(answer, GenerationFailure) and answer.kind == "image_unsupported":
+            self.cache.put_note(note, "unsupported")
+            self.backend.use_image_input("analysis")
+            self.console.print(f"[yellow]images:[/yellow] the server does not take images ({answer.reason[:200]}); "
+                               "sending the poster analysis text instead for this run (that is --image-input "
+                               "analysis; --image-input none skips images, --image-input attached insists)")
+        else:
+            self.backend.use_image_input("attached")
 
     def public_config(self, facts: dict) -> dict:
         return {

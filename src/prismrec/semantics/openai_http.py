@@ -1,10 +1,17 @@
 """HTTP client for OpenAI-compatible servers (vLLM, Ollama, llama.cpp server, OpenAI) with retries and fan-out.
 
-Retry policy (shared by the chat backend and the embedder): timeouts, connection errors (resets
-included), HTTP 408/429/5xx, malformed JSON and answers the caller rejects (empty, truncated, refused)
-are retried up to ``max_retries`` times with exponential backoff and "equal jitter"
-(sleep uniformly in ``[d/2, d]`` with ``d = min(backoff_max_s, backoff_base_s * 2**attempt)``; a
-``Retry-After`` header raises ``d`` up to the cap). Other 4xx errors (bad request, auth) are not retried.
+Retry policy (shared by the chat backend and the embedder): *transient* failures are retried up to
+``max_retries`` times with exponential backoff and "equal jitter" (sleep uniformly in ``[d/2, d]`` with
+``d = min(backoff_max_s, backoff_base_s * 2**attempt)``; a ``Retry-After`` header raises ``d`` up to the
+cap): timeouts, connection errors (resets included), HTTP 408/409/425/429/5xx, malformed JSON and answers
+the caller rejects as :class:`RetryableAnswer` (empty, refused). *Permanent* failures are never retried,
+because the same request fails the same way again (:func:`classify_error`): an input the model cannot
+take (an image sent to a text-only model: llama-server's HTTP 500 "image input is not supported", vLLM's
+400 "... is not a multimodal model", Ollama's 400 "... does not support vision"), a prompt longer than the
+context (llama-server's ``exceed_context_size_error``, vLLM's "maximum context length"), any other 4xx
+(bad request, auth, unknown model, 422), and answers the caller rejects as :class:`PermanentAnswer`
+(truncation at temperature 0 with the same ``max_tokens``). :class:`RequestFailed` says which it was
+(``permanent``, ``kind``).
 
 Fan-out: with several base URLs, each request goes to the server with the fewest requests in flight
 (ties rotate), and a retry prefers a server other than the one that just failed.
@@ -59,13 +66,61 @@ class RetryableAnswer(Exception):
     """Raised by a response validator: the server answered, but the answer is unusable; ask again."""
 
 
-class RequestFailed(Exception):
-    """All attempts failed; ``reason`` says why (no secrets)."""
+class PermanentAnswer(Exception):
+    """Raised by a response validator: the answer is unusable and asking again would give the same one."""
 
-    def __init__(self, reason: str, attempts: int) -> None:
+    def __init__(self, reason: str, kind: str = "answer") -> None:
+        super().__init__(reason)
+        self.kind = kind
+
+
+# What servers say when a request cannot succeed however often it is sent, by kind. Matched (lower case)
+# against the error body: llama.cpp's llama-server, vLLM and Ollama phrase these differently.
+PERMANENT_MESSAGES: dict[str, tuple[str, ...]] = {
+    "image_unsupported": (
+        "image input is not supported",  # llama-server without --mmproj (HTTP 500)
+        "is not a multimodal model",  # vLLM serving a text-only model (HTTP 400)
+        "does not support vision",  # Ollama, a model without the vision capability (HTTP 400)
+        "does not support image",
+        "only 'text' content type is supported",
+    ),
+    "context_length": (
+        "exceeds the available context size",  # llama-server (HTTP 400, type exceed_context_size_error)
+        "exceed_context_size_error",
+        "is larger than the max context size",  # llama-server without context shift
+        "maximum context length",  # vLLM / OpenAI (HTTP 400)
+        "context_length_exceeded",
+        "reduce the length of the messages",
+    ),
+}
+
+
+@dataclass(frozen=True)
+class ErrorClass:
+    permanent: bool
+    kind: str  # image_unsupported, context_length, client_error, server_error, timeout, connection, answer
+
+
+def classify_error(status: int, body: str) -> ErrorClass:
+    """Whether an HTTP error answer can change if the same request is sent again (see the module docstring)."""
+    lowered = body.lower()
+    for kind, phrases in PERMANENT_MESSAGES.items():
+        if any(phrase in lowered for phrase in phrases):
+            return ErrorClass(True, kind)
+    if status in RETRYABLE_STATUS:
+        return ErrorClass(False, "server_error" if status >= 500 else "overloaded")
+    return ErrorClass(True, "client_error")
+
+
+class RequestFailed(Exception):
+    """Every attempt failed, or one failed permanently; ``reason`` says why (no secrets)."""
+
+    def __init__(self, reason: str, attempts: int, *, permanent: bool = False, kind: str = "transient") -> None:
         super().__init__(reason)
         self.reason = reason
         self.attempts = attempts
+        self.permanent = permanent
+        self.kind = kind
 
 
 @dataclass
@@ -125,6 +180,7 @@ class OpenAIClient:
                    validate: Callable[[dict[str, Any]], None] | None = None) -> Response:
         """POST with retries; ``validate`` may raise :class:`RetryableAnswer` to ask again."""
         last_problem = "no attempt made"
+        last_kind = "transient"
         avoid: str | None = None
         attempts = 0
         for attempt in range(self.options.max_retries + 1):
@@ -140,16 +196,19 @@ class OpenAIClient:
                 response = await client.post(url + path, json=body)
                 latency = time.perf_counter() - started
                 if response.status_code != 200:
-                    detail = response.text[:200].replace("\n", " ")
+                    detail = response.text[:300].replace("\n", " ")
                     last_problem = f"HTTP {response.status_code} from {url}: {detail}"
-                    if response.status_code not in RETRYABLE_STATUS:
-                        raise RequestFailed(last_problem, attempts)
+                    verdict = classify_error(response.status_code, response.text[:4000])
+                    last_kind = verdict.kind
+                    if verdict.permanent:
+                        raise RequestFailed(last_problem, attempts, permanent=True, kind=verdict.kind)
                     retry_after = _retry_after(response.headers.get("retry-after"))
                 else:
                     try:
                         payload = response.json()
                     except (json.JSONDecodeError, UnicodeDecodeError):
                         last_problem = f"malformed JSON from {url}: {response.text[:80]!r}"
+                        last_kind = "malformed"
                     else:
                         if not isinstance(payload, dict):
                             last_problem = f"unexpected JSON from {url}: {type(payload).__name__}"
@@ -160,10 +219,15 @@ class OpenAIClient:
                                 return Response(payload, latency, attempts, url)
                             except RetryableAnswer as problem:
                                 last_problem = str(problem)
+                                last_kind = "answer"
+                            except PermanentAnswer as problem:
+                                raise RequestFailed(str(problem), attempts, permanent=True, kind=problem.kind) from None
             except httpx.TimeoutException:
                 last_problem = f"timeout after {self.options.timeout_s:g}s from {url}"
+                last_kind = "timeout"
             except httpx.TransportError as error:
                 last_problem = f"{type(error).__name__} from {url}"
+                last_kind = "connection"
             finally:
                 self._in_flight[url] -= 1
                 self._idle[url].put_nowait(client)
@@ -172,7 +236,7 @@ class OpenAIClient:
             if attempt < self.options.max_retries:
                 self.retries += 1
                 await asyncio.sleep(self._delay(attempt, retry_after))
-        raise RequestFailed(last_problem, attempts)
+        raise RequestFailed(last_problem, attempts, permanent=False, kind=last_kind)
 
     async def aclose(self) -> None:
         for client in self._clients:

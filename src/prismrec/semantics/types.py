@@ -71,10 +71,20 @@ class Generation:
 
 @dataclass
 class GenerationFailure:
-    """A request that could not be answered after all retries, and why."""
+    """A request that could not be answered, and why: after all retries (``permanent=False``), or at once because
+    the same request would fail the same way again (``permanent=True``; ``kind`` says what: image_unsupported,
+    context_length, client_error, truncated, ...)."""
 
     reason: str
     attempts: int = 1
+    permanent: bool = False
+    kind: str = "transient"
+
+    def describe(self) -> str:
+        """The reason as failure tables show it: permanent (not retried) or transient (retried)."""
+        if self.permanent:
+            return f"permanent ({self.kind}, not retried): {self.reason}"
+        return f"transient, {self.attempts} attempt(s): {self.reason}"
 
 
 GenerationResult = Generation | GenerationFailure

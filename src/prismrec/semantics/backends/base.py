@@ -12,8 +12,9 @@ from prismrec.registry import Registry
 from prismrec.semantics.cache import SemanticCache
 from prismrec.semantics.types import GenerationRequest, GenerationResult
 
-ImageInput = Literal["attached", "analysis", "path"]
-"""How a backend receives an item's image: attached to the message, as a text analysis, or as a local path."""
+ImageInput = Literal["attached", "analysis", "path", "none"]
+"""How a backend receives an item's image: attached to the message, as a text analysis, as a local path, or not at
+all (the visual and hybrid routes then use the textual prompt)."""
 
 _REFUSAL = re.compile(
     r"^\s*(i'?m sorry|i am sorry|sorry, (but )?i|i can(no|')t (help|assist|comply|provide|describe)|"
@@ -43,7 +44,10 @@ class Backend(ABC):
     """
 
     Options: ClassVar[type[BaseModel]]
-    image_input: ClassVar[ImageInput] = "attached"
+    #: how images reach the model; a class default, which a backend may settle per instance (openai's auto)
+    image_input: ImageInput = "attached"
+    #: True while the deriver should first check that the server takes images (openai's ``image_input=auto``)
+    probe_images: bool = False
     #: model calls made by this instance (cache hits are not calls); tests and benchmarks read it.
     calls: int
 
@@ -72,6 +76,15 @@ class Backend(ABC):
     def iterates_internally(self) -> bool:
         """False for backends with no generative model (``describe``): multi-turn refinement is skipped."""
         return True
+
+    def use_image_input(self, mode: ImageInput) -> None:
+        """Send images this way from now on (the deriver settles ``auto`` with it)."""
+        self.image_input = mode
+        self.probe_images = False
+
+    def capability_key(self) -> str:
+        """Names the model (and server) in the cache's capability notes."""
+        return f"{self.backend_name}:{self.model}"
 
     def generation_params(self) -> dict:
         """Parameters that change answers; part of every cache key."""

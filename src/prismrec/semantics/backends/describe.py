@@ -41,7 +41,7 @@ class DescribeOptions(BaseModel):
 @BACKENDS.register("describe")
 class DescribeBackend(Backend):
     Options: ClassVar[type[BaseModel]] = DescribeOptions
-    image_input: ClassVar[ImageInput] = "analysis"
+    image_input: ImageInput = "analysis"
     options: DescribeOptions
 
     def __init__(self, options: DescribeOptions, cache: SemanticCache) -> None:

@@ -54,7 +54,7 @@ class LocalLLMOptions(BaseModel):
 @BACKENDS.register("local-llm")
 class LocalLLMBackend(Backend):
     Options: ClassVar[type[BaseModel]] = LocalLLMOptions
-    image_input: ClassVar[ImageInput] = "analysis"
+    image_input: ImageInput = "analysis"
     options: LocalLLMOptions
 
     def __init__(self, options: LocalLLMOptions, cache: SemanticCache) -> None:

@@ -9,21 +9,50 @@ The paper's setup is Qwen2.5-VL-3B-Instruct served by vLLM::
         --model Qwen/Qwen2.5-VL-3B-Instruct --concurrency 16
 
 Several ``--base-url`` options fan requests out across servers (see :mod:`prismrec.semantics.openai_http`).
+
+Text-only servers (llama.cpp's ``llama-server`` without ``--mmproj``, vLLM or Ollama serving a text model)
+refuse images. ``image_input`` (CLI ``--image-input``) says what to send on the visual and hybrid routes:
+
+* ``auto`` (default): attach images until the server refuses one; the deriver sends one image request first
+  and, if the server says images are not supported, stops sending images for the run (one message naming
+  this option) and sends the poster analysis text instead, as the ``local-llm`` backend does. The verdict
+  is remembered in the cache for this server and model, so a rerun asks nothing again;
+* ``attached``: always attach (a refusal fails the item at once, never retried);
+* ``analysis``: the poster analysis text (EfficientNet-Lite0 labels and colours) in place of the image;
+* ``none``: no image at all; the visual and hybrid routes use the textual prompt (recorded per item as
+  the fallback ``image_input_none``).
+
+Failures are classified by :func:`~prismrec.semantics.openai_http.classify_error`: permanent ones (images or
+context refused, other 4xx, truncation at temperature 0) are not retried.
 """
 
 from __future__ import annotations
 
 import base64
+import functools
 import mimetypes
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from prismrec.semantics.backends.base import BACKENDS, Backend, ImageInput, answer_problem
 from prismrec.semantics.cache import SemanticCache
-from prismrec.semantics.openai_http import OpenAIClient, OpenAIConnectionOptions, RequestFailed, RetryableAnswer
-from prismrec.semantics.types import ChatMessage, Generation, GenerationFailure, GenerationRequest, GenerationResult
+from prismrec.semantics.openai_http import (
+    OpenAIClient,
+    OpenAIConnectionOptions,
+    PermanentAnswer,
+    RequestFailed,
+    RetryableAnswer,
+)
+from prismrec.semantics.types import (
+    ChatMessage,
+    Generation,
+    GenerationFailure,
+    GenerationRequest,
+    GenerationResult,
+    stable_hash,
+)
 
 
 class OpenAIChatOptions(OpenAIConnectionOptions):
@@ -32,6 +61,9 @@ class OpenAIChatOptions(OpenAIConnectionOptions):
     temperature: float = Field(0.0, ge=0.0, le=2.0)
     max_tokens: int = Field(512, ge=1)
     seed: int | None = Field(0, description="sampling seed where the server honours it")
+    image_input: Literal["auto", "attached", "analysis", "none"] = Field(
+        "auto", description="images on the visual and hybrid routes: auto (attach until the server refuses, then "
+        "the poster analysis text), attached, analysis (the poster analysis text), none (textual prompt)")
 
 
 def image_data_url(path: Path) -> str:
@@ -52,26 +84,39 @@ def to_openai_messages(messages: tuple[ChatMessage, ...]) -> list[dict[str, Any]
     return converted
 
 
-def _validate_chat(payload: dict[str, Any]) -> None:
+def validate_chat(payload: dict[str, Any], *, deterministic: bool = False) -> None:
+    """Reject unusable chat completions: retryable, except a truncation when sampling is deterministic
+    (temperature 0: the same request with the same ``max_tokens`` is truncated again)."""
     try:
         choice = payload["choices"][0]
         content = choice["message"].get("content")
     except (KeyError, IndexError, TypeError, AttributeError):
         raise RetryableAnswer("malformed chat completion (no choices[0].message)") from None
-    problem = answer_problem(content if isinstance(content, str) else None, choice.get("finish_reason"))
-    if problem is not None:
-        raise RetryableAnswer(problem)
+    finish_reason = choice.get("finish_reason")
+    problem = answer_problem(content if isinstance(content, str) else None, finish_reason)
+    if problem is None:
+        return
+    if deterministic and finish_reason == "length":
+        raise PermanentAnswer(f"{problem} at temperature 0: the same request is truncated again", kind="truncated")
+    raise RetryableAnswer(problem)
 
 
 @BACKENDS.register("openai")
 class OpenAIBackend(Backend):
     Options: ClassVar[type[BaseModel]] = OpenAIChatOptions
-    image_input: ClassVar[ImageInput] = "attached"
     options: OpenAIChatOptions
 
     def __init__(self, options: OpenAIChatOptions, cache: SemanticCache) -> None:
         super().__init__(options, cache)
         self.client = OpenAIClient(options)
+        # What the deriver sends now; ``auto`` starts by attaching and is settled by the deriver's probe.
+        self.image_input: ImageInput = "attached" if options.image_input == "auto" else options.image_input
+        self.probe_images = options.image_input == "auto"
+
+    def capability_key(self) -> str:
+        """Names this server set and model in the cache's capability notes (no secrets)."""
+        return stable_hash({"backend": "openai", "base_urls": sorted(self.options.base_urls),
+                            "model": self.options.model})
 
     @property
     def backend_name(self) -> str:
@@ -92,7 +137,8 @@ class OpenAIBackend(Backend):
     def public_config(self) -> dict:
         return {**super().public_config(), "base_urls": self.options.base_urls,
                 "api_key_env": self.options.api_key_env, "api_key_set": self.client.api_key_set,
-                "concurrency_per_url": self.options.concurrency}
+                "concurrency_per_url": self.options.concurrency, "image_input_option": self.options.image_input,
+                "image_input": self.image_input}
 
     async def generate_batch(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
         return [await self._generate_one(request) for request in requests]
@@ -108,9 +154,11 @@ class OpenAIBackend(Backend):
             body["seed"] = self.options.seed
         self.calls += 1
         try:
-            response = await self.client.post("/chat/completions", body, validate=_validate_chat)
+            response = await self.client.post(
+                "/chat/completions", body,
+                validate=functools.partial(validate_chat, deterministic=self.options.temperature == 0))
         except RequestFailed as failure:
-            return GenerationFailure(failure.reason, failure.attempts)
+            return GenerationFailure(failure.reason, failure.attempts, permanent=failure.permanent, kind=failure.kind)
         choice = response.payload["choices"][0]
         usage = response.payload.get("usage") or {}
         return Generation(

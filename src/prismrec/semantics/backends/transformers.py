@@ -64,7 +64,7 @@ def to_hf_messages(messages: tuple[ChatMessage, ...]) -> tuple[list[dict[str, An
 @BACKENDS.register("transformers")
 class TransformersBackend(Backend):
     Options: ClassVar[type[BaseModel]] = TransformersOptions
-    image_input: ClassVar[ImageInput] = "attached"
+    image_input: ImageInput = "attached"
     options: TransformersOptions
 
     def __init__(self, options: TransformersOptions, cache: SemanticCache) -> None:

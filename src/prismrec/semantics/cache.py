@@ -81,6 +81,12 @@ CREATE TABLE IF NOT EXISTS derivation_runs (
     completion_tokens INTEGER NOT NULL,
     written INTEGER NOT NULL
 );
+CREATE TABLE IF NOT EXISTS failed_requests (
+    key TEXT PRIMARY KEY,
+    kind TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    created_at REAL NOT NULL
+);
 CREATE TABLE IF NOT EXISTS notes (
     key TEXT PRIMARY KEY,
     value TEXT NOT NULL,
@@ -266,6 +272,15 @@ class SemanticCache:
                            "FROM derivation_runs WHERE name = ? ORDER BY finished_at", (name,))
         keys = ("finished_at", "wall_s", "model_calls", "prompt_tokens", "completion_tokens", "written")
         return [dict(zip(keys, row, strict=True)) for row in rows]
+
+    def get_failed_request(self, key: str) -> tuple[str, str] | None:
+        """(kind, reason) of a request that failed in a way the same request always will, or None."""
+        rows = self._query("SELECT kind, reason FROM failed_requests WHERE key = ?", (key,))
+        return (rows[0][0], rows[0][1]) if rows else None
+
+    def put_failed_request(self, key: str, kind: str, reason: str) -> None:
+        with self._transaction() as conn:
+            conn.execute("INSERT OR REPLACE INTO failed_requests VALUES (?,?,?,?)", (key, kind, reason, time.time()))
 
     def get_note(self, key: str) -> str | None:
         """A small fact learnt about a server or model (e.g. that it refuses images), kept across runs."""

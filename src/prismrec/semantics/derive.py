@@ -85,6 +85,10 @@ from prismrec.semantics.types import (
 )
 
 ARTEFACT_FORMAT = "prismrec-semantics/1"
+# Permanent failures that belong to the request itself (its cache key covers model, prompt and parameters), so a
+# rerun would get them again: kept in the cache and not asked again. Others are the server's (a context size,
+# a refused image, an API key) and are asked again after the user changes the server.
+REMEMBERED_FAILURES = frozenset({"truncated"})
 
 
 class HybridMode(StrEnum):
@@ -255,7 +259,7 @@ class Deriver:
         textual prompt, or two items sharing text and poster) waits for that answer instead of asking again.
         """
         keys = [self.cache_key(r) for r in requests]
-        results: list[GenerationResult | None] = [self.cache.get_generation(k) for k in keys]
+        results: list[GenerationResult | None] = [self.cache.get_generation(k) or self._known_failure(k) for k in keys]
         waiting: list[tuple[int, asyncio.Future[GenerationResult]]] = []
         misses: list[int] = []
         for i, key in enumerate(keys):
@@ -287,11 +291,20 @@ class Deriver:
                     self.cache.put_generation(keys[i], backend=self.backend.backend_name, model=self.backend.model,
                                               template=request.template_key, route=request.route.value,
                                               item=request.item.external_id, turn=request.turn, generation=answer)
+            if isinstance(answer, GenerationFailure) and answer.permanent and answer.kind in REMEMBERED_FAILURES:
+                self.cache.put_failed_request(keys[i], answer.kind, answer.reason)
             results[i] = answer
             self._in_flight.pop(keys[i]).set_result(answer)
         for i, future in waiting:
             results[i] = await future
         return [r for r in results if r is not None]
+
+    def _known_failure(self, key: str) -> GenerationFailure | None:
+        known = self.cache.get_failed_request(key)
+        if known is None:
+            return None
+        kind, reason = known
+        return GenerationFailure(f"{reason} (in an earlier run; not asked again)", 0, permanent=True, kind=kind)
 
     async def _process_chunk(self, route: Route, chunk: list[ItemRecord]) -> list[tuple[ItemRecord, str | None,
                                                                                           str, _RouteOutcome]]:

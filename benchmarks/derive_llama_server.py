@@ -126,9 +126,14 @@ def main() -> None:
         lines.append(f"| {r['slots']} | {r['requests']} | {r['seconds']:.1f} | {r['requests_per_s']:.2f} | "
                      f"{r['completion_tokens_per_s']:.1f} | {r['requests_per_s'] / reference['requests_per_s']:.2f} | "
                      f"{r['truncated']} | {r['catalogue_hours']:.1f} |")
+    total = sum(r["requests"] for r in rows)
     lines += ["", f"The whole MovieLens catalogue ({CATALOGUE_ANSWERS:,} answers) takes about "
               f"**{best['catalogue_hours']:.1f} hours** at the best rate here ({best['slots']} slots) on "
-              f"{result['machine']}: derive on a GPU server for the full catalogue (docs/semantics.md).", "",
+              f"{result['machine']}: derive on a GPU server for the full catalogue (docs/semantics.md). And that is "
+              f"at {args.max_tokens} tokens, where {result['truncated_answers']} of {total} answers were cut "
+              "(`finish_reason = length` at temperature 0: permanent failures, sent once, remembered, and embedded "
+              "as the original text under `allow_fallback = original`); a larger `--max-tokens` costs "
+              "proportionally more per answer.", "",
               f"Machine: {result['machine']}, {result['date']}.", "", "Command:", "", f"    {command}", ""]
     (RESULTS / "derive_llama_server.md").write_text("\n".join(lines))
     print(json.dumps(result, indent=2))

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from prismrec.semantics import Deriver, DeriveReport
 
 SHARED_POSTERS = Path(__file__).resolve().parents[2] / "shared" / "data" / "movielens-small" / "posters"
 
@@ -126,3 +130,12 @@ def make_tiny_qwen2_5_vl(folder: Path) -> Path:
     model.save_pretrained(folder)
     Qwen2VLImageProcessorPil(size={"shortest_edge": 56 * 56, "longest_edge": 28 * 28 * 64}).save_pretrained(folder)
     return folder
+
+
+async def run_deriver(deriver: Deriver) -> DeriveReport:
+    """Run a derivation and close its backend's and embedder's connections."""
+    try:
+        return await deriver.run()
+    finally:
+        await deriver.backend.aclose()
+        await deriver.embedder.aclose()

@@ -15,12 +15,12 @@ from typer.testing import CliRunner
 
 from fake_openai_server import FakeOpenAIServer, server_refusal
 from prismrec.cli.app import app
-from prismrec.semantics import DeriveOptions, Deriver, DeriveReport, SemanticCache, load_artefact
+from prismrec.semantics import DeriveOptions, Deriver, SemanticCache, load_artefact
 from prismrec.semantics.backends.openai import OpenAIBackend, OpenAIChatOptions
 from prismrec.semantics.embedders.openai import OpenAIEmbedder, OpenAIEmbeddingOptions
 from prismrec.semantics.openai_http import OpenAIClient, OpenAIConnectionOptions, RequestFailed, classify_error
 from prismrec.semantics.types import ChatMessage, GenerationFailure, GenerationRequest, ItemRecord
-from semantics_helpers import WITHOUT_POSTER, make_tiny_movielens
+from semantics_helpers import WITHOUT_POSTER, make_tiny_movielens, run_deriver
 
 N_ITEMS = 12
 N_POSTERS = N_ITEMS - len(WITHOUT_POSTER)
@@ -44,14 +44,6 @@ def _deriver(cache: SemanticCache, data_dir: Path, url: str, console: Console | 
                    console=console)
 
 
-async def _run(deriver: Deriver) -> DeriveReport:
-    try:
-        return await deriver.run()
-    finally:
-        await deriver.backend.aclose()
-        await deriver.embedder.aclose()
-
-
 def _quiet() -> tuple[Console, io.StringIO]:
     buffer = io.StringIO()
     return Console(file=buffer, width=400), buffer
@@ -63,7 +55,7 @@ def test_auto_stops_sending_images_after_the_first_refusal(flavour: str, models:
     console, said = _quiet()
     with FakeOpenAIServer(flavour=flavour, vision=False, models=models) as server, \
             SemanticCache(tmp_path / "cache.sqlite") as cache:
-        report = asyncio.run(_run(_deriver(cache, data_dir, server.url, console, name="text-only")))
+        report = asyncio.run(run_deriver(_deriver(cache, data_dir, server.url, console, name="text-only")))
         assert report.written and not report.failures
         # one image request is refused, once (never retried); every other request is text: the textual route,
         # and the visual and hybrid routes with the poster analysis in place of each poster
@@ -81,14 +73,14 @@ def test_auto_stops_sending_images_after_the_first_refusal(flavour: str, models:
         # a rerun asks the server nothing: the refusal is remembered for this server and model, answers cached
         server.reset_counts()
         console, said = _quiet()
-        again = asyncio.run(_run(_deriver(cache, data_dir, server.url, console, name="text-only")))
+        again = asyncio.run(run_deriver(_deriver(cache, data_dir, server.url, console, name="text-only")))
         assert again.written and again.model_calls == 0 and server.counts["requests"] == 0
         assert "earlier run" in said.getvalue()
 
 
 def test_auto_keeps_attaching_images_on_a_vision_server(data_dir: Path, tmp_path: Path) -> None:
     with FakeOpenAIServer(flavour="vllm", vision=True) as server, SemanticCache(tmp_path / "cache.sqlite") as cache:
-        report = asyncio.run(_run(_deriver(cache, data_dir, server.url, _quiet()[0], name="vision")))
+        report = asyncio.run(run_deriver(_deriver(cache, data_dir, server.url, _quiet()[0], name="vision")))
         assert report.written and not report.failures
         # the probe is the first visual request: its answer is cached and used, nothing is asked twice
         assert server.counts["/v1/chat/completions"] == N_ITEMS + 2 * N_POSTERS
@@ -101,8 +93,9 @@ def test_attached_on_a_text_only_server_fails_each_image_item_once(flavour: str,
                                                                    data_dir: Path, tmp_path: Path) -> None:
     with FakeOpenAIServer(flavour=flavour, vision=False, models=models) as server, \
             SemanticCache(tmp_path / "cache.sqlite") as cache:
-        report = asyncio.run(_run(_deriver(cache, data_dir, server.url, _quiet()[0], name="insist", max_retries=4,
-                                           chat={"image_input": "attached"})))
+        deriver = _deriver(cache, data_dir, server.url, _quiet()[0], name="insist", max_retries=4,
+                           chat={"image_input": "attached"})
+        report = asyncio.run(run_deriver(deriver))
     assert not report.written
     assert len(report.failures) == 2 * N_POSTERS  # visual and hybrid of every item with a poster
     # each refused request was sent exactly once: no retry of a permanent refusal
@@ -114,7 +107,7 @@ def test_attached_on_a_text_only_server_fails_each_image_item_once(flavour: str,
 def test_image_input_none_sends_the_textual_prompt(data_dir: Path, tmp_path: Path) -> None:
     with FakeOpenAIServer(flavour="llama-server", vision=False) as server, \
             SemanticCache(tmp_path / "cache.sqlite") as cache:
-        report = asyncio.run(_run(_deriver(cache, data_dir, server.url, _quiet()[0], name="none",
+        report = asyncio.run(run_deriver(_deriver(cache, data_dir, server.url, _quiet()[0], name="none",
                                            chat={"image_input": "none"})))
         assert report.written and not report.failures
         assert server.counts["/v1/chat/completions"] == N_ITEMS and server.counts["refused:image"] == 0
@@ -228,15 +221,15 @@ def test_cli_failure_table_and_status_show_kinds_tokens_and_wall_time(data_dir: 
 def test_a_truncation_at_temperature_zero_is_not_asked_again_by_a_rerun(data_dir: Path, tmp_path: Path) -> None:
     with FakeOpenAIServer() as server, SemanticCache(tmp_path / "cache.sqlite") as cache:
         server.add_fault("length", match="attributes: title: Heat", times=-1)  # Heat's textual prompt
-        first = asyncio.run(_run(_deriver(cache, data_dir, server.url, _quiet()[0], name="cut")))
+        first = asyncio.run(run_deriver(_deriver(cache, data_dir, server.url, _quiet()[0], name="cut")))
         assert [(f.route, f.external_id) for f in first.failures] == [("textual", "6")]
         assert server.counts["fault:length"] == 1  # sent once, not retried
         server.reset_counts()
-        again = asyncio.run(_run(_deriver(cache, data_dir, server.url, _quiet()[0], name="cut")))
+        again = asyncio.run(run_deriver(_deriver(cache, data_dir, server.url, _quiet()[0], name="cut")))
         assert [(f.route, f.external_id) for f in again.failures] == [("textual", "6")]
         assert server.counts["requests"] == 0 and again.model_calls == 0
         assert "earlier run" in (again.failures[0].error or "")
         # a larger max_tokens is another request: it is asked (and here truncated again by the fault)
-        bigger = asyncio.run(_run(_deriver(cache, data_dir, server.url, _quiet()[0], name="cut",
+        bigger = asyncio.run(run_deriver(_deriver(cache, data_dir, server.url, _quiet()[0], name="cut",
                                            chat={"max_tokens": 1024})))
         assert server.counts["fault:length"] == 1 and bigger.model_calls > 0

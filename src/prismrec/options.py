@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import json
 import tomllib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -103,14 +104,22 @@ def read_with_overrides(path: Path | str | None, overrides: Sequence[str] = ()) 
 ConfigModel = TypeVar("ConfigModel", bound=BaseModel)
 
 
-def validate_typed(model: type[ConfigModel], data: dict[str, Any], source: str = "configuration") -> ConfigModel:
-    """``data`` validated into ``model``; a :class:`ConfigError` naming ``source`` and each bad key otherwise."""
+@contextmanager
+def config_errors(source: str) -> Iterator[None]:
+    """Turn a validation error (or an unknown registry name) raised inside into a :class:`ConfigError` that
+    names ``source`` and each bad key."""
     try:
-        return model.model_validate(data)
+        yield
     except ValidationError as exc:
         raise ConfigError(format_validation_error(exc, source)) from None
     except KeyError as exc:  # unknown registry name
         raise ConfigError(f"invalid configuration in {source}: {exc}") from None
+
+
+def validate_typed(model: type[ConfigModel], data: dict[str, Any], source: str = "configuration") -> ConfigModel:
+    """``data`` validated into ``model``; a :class:`ConfigError` naming ``source`` and each bad key otherwise."""
+    with config_errors(source):
+        return model.model_validate(data)
 
 
 def load_typed_config(model: type[ConfigModel], path: Path | str | None,

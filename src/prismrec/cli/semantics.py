@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import re
 from collections import Counter
 from pathlib import Path
 from typing import Annotated
@@ -31,7 +30,7 @@ from prismrec.semantics import (
 )
 from prismrec.semantics.cache import ItemResult, SemanticCache
 from prismrec.semantics.derive import default_cache_path, load_items
-from prismrec.semantics.types import ItemRecord
+from prismrec.semantics.types import ItemRecord, failure_kind
 
 commands = typer.Typer()  # merged into the top level by prismrec.cli.app
 
@@ -185,20 +184,6 @@ def _print_report(report: DeriveReport) -> None:
     elif report.failures:
         console.print("[red]no artefact written[/red]: rerun to retry the failed items (finished answers are "
                       "cached), or pass --allow-fallback original to embed their original text instead")
-
-
-_FAILURE_KIND = re.compile(r"permanent \(([^,]+), not retried\): |transient, (\d+) attempt\(s\): ")
-
-
-def failure_kind(error: str | None) -> tuple[str, str]:
-    """Split a recorded failure into its kind (``permanent: <kind>`` or ``transient (N attempts)``) and the
-    reason (:meth:`~prismrec.semantics.types.GenerationFailure.describe` wrote it)."""
-    text = error or ""
-    match = _FAILURE_KIND.search(text)
-    if match is None:
-        return "failed", text
-    kind = f"permanent: {match[1]}" if match[1] else f"transient ({match[2]} attempts)"
-    return kind, text[:match.start()] + text[match.end():]
 
 
 def _routes_of(results: list[ItemResult]) -> tuple[Route, ...]:

@@ -15,10 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from prismrec.config import RunConfig, load_config
-from prismrec.options import ConfigError, format_validation_error, read_toml
+from prismrec.options import ConfigError, read_toml, validate_typed
 
 FigureKind = Literal["sweep", "longtail", "methods"]
 _NAME = r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$"
@@ -119,10 +119,7 @@ class Cell:
 def load_experiment(path: Path | str) -> ExperimentSpec:
     path = Path(path)
     data = read_toml(path, "experiment")
-    try:
-        spec = ExperimentSpec.model_validate(data)
-    except ValidationError as exc:
-        raise ConfigError(format_validation_error(exc, str(path))) from None
+    spec = validate_typed(ExperimentSpec, data, str(path))
     if not spec.config_root.is_absolute():
         spec.config_root = (path.parent / spec.config_root).resolve()
     return spec

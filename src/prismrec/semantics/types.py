@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -81,10 +82,25 @@ class GenerationFailure:
     kind: str = "transient"
 
     def describe(self) -> str:
-        """The reason as failure tables show it: permanent (not retried) or transient (retried)."""
+        """The reason as it is recorded per item: permanent (not retried) or transient (retried);
+        :func:`failure_kind` reads it back."""
         if self.permanent:
             return f"permanent ({self.kind}, not retried): {self.reason}"
         return f"transient, {self.attempts} attempt(s): {self.reason}"
+
+
+_FAILURE_KIND = re.compile(r"permanent \(([^,]+), not retried\): |transient, (\d+) attempt\(s\): ")
+
+
+def failure_kind(error: str | None) -> tuple[str, str]:
+    """Split a recorded failure (:meth:`GenerationFailure.describe`) into its kind, ``permanent: <kind>`` or
+    ``transient (N attempts)``, and the reason."""
+    text = error or ""
+    match = _FAILURE_KIND.search(text)
+    if match is None:
+        return "failed", text
+    kind = f"permanent: {match[1]}" if match[1] else f"transient ({match[2]} attempts)"
+    return kind, text[:match.start()] + text[match.end():]
 
 
 GenerationResult = Generation | GenerationFailure

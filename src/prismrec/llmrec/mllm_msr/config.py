@@ -8,11 +8,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from prismrec.config import DataConfig, EvaluationConfig
 from prismrec.llmrec.causal_lm import CausalLMOptions, LoRAOptions
-from prismrec.options import ConfigError, StrictModel, format_validation_error, load_typed_config
+from prismrec.options import StrictModel, config_errors, load_typed_config
 from prismrec.semantics.backends.base import BACKENDS
 
 
@@ -96,11 +96,6 @@ class MLLMMSRConfig(StrictModel):
 def load_mllm_msr_config(path: Path | str | None, overrides: Sequence[str] = ()) -> MLLMMSRConfig:
     """TOML file (or defaults) + ``section.key=value`` overrides -> validated config (ConfigError otherwise)."""
     config = load_typed_config(MLLMMSRConfig, path, overrides)
-    source = str(path or "command-line overrides")
-    try:
+    with config_errors(str(path or "command-line overrides")):  # an unknown backend name, or its bad options
         config.model.summaries.validated_backend_options()
-    except ValidationError as exc:
-        raise ConfigError(format_validation_error(exc, source)) from None
-    except KeyError as exc:  # unknown backend name
-        raise ConfigError(f"invalid configuration in {source}: {exc}") from None
     return config

@@ -84,7 +84,7 @@ def to_openai_messages(messages: tuple[ChatMessage, ...]) -> list[dict[str, Any]
     return converted
 
 
-def validate_chat(payload: dict[str, Any], *, deterministic: bool = False) -> None:
+def _validate_chat(payload: dict[str, Any], *, deterministic: bool = False) -> None:
     """Reject unusable chat completions: retryable, except a truncation when sampling is deterministic
     (temperature 0: the same request with the same ``max_tokens`` is truncated again)."""
     try:
@@ -156,7 +156,7 @@ class OpenAIBackend(Backend):
         try:
             response = await self.client.post(
                 "/chat/completions", body,
-                validate=functools.partial(validate_chat, deterministic=self.options.temperature == 0))
+                validate=functools.partial(_validate_chat, deterministic=self.options.temperature == 0))
         except RequestFailed as failure:
             return GenerationFailure(failure.reason, failure.attempts, permanent=failure.permanent, kind=failure.kind)
         choice = response.payload["choices"][0]

@@ -9,7 +9,12 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 if TYPE_CHECKING:
-    from prismrec.semantics import Deriver, DeriveReport
+    from rich.console import Console
+
+    from prismrec.semantics import Deriver, DeriveReport, SemanticCache
+
+# Retries fast enough for tests against the local fake OpenAI server.
+FAST_RETRY = {"backoff_base_s": 0.01, "backoff_max_s": 0.05, "timeout_s": 5.0}
 
 SHARED_POSTERS = Path(__file__).resolve().parents[2] / "shared" / "data" / "movielens-small" / "posters"
 
@@ -139,3 +144,20 @@ async def run_deriver(deriver: Deriver) -> DeriveReport:
     finally:
         await deriver.backend.aclose()
         await deriver.embedder.aclose()
+
+
+def openai_deriver(cache: SemanticCache, data_dir: Path, urls: list[str], *, console: Console | None = None,
+                   concurrency: int = 4, max_retries: int = 3, timeout_s: float = 5.0, chat: dict | None = None,
+                   **options: object) -> Deriver:
+    """A MovieLens derivation with the openai backend and embedder against ``urls`` (``chat``: more backend
+    options, e.g. ``image_input``)."""
+    from prismrec.semantics import DeriveOptions, Deriver
+    from prismrec.semantics.backends.openai import OpenAIBackend, OpenAIChatOptions
+    from prismrec.semantics.embedders.openai import OpenAIEmbedder, OpenAIEmbeddingOptions
+
+    retry = {**FAST_RETRY, "timeout_s": timeout_s}
+    backend = OpenAIBackend(OpenAIChatOptions(base_urls=urls, model="fake-vl", concurrency=concurrency,
+                                              max_retries=max_retries, **retry, **(chat or {})), cache)
+    embedder = OpenAIEmbedder(OpenAIEmbeddingOptions(base_urls=urls, batch_size=5, **FAST_RETRY))
+    return Deriver(DeriveOptions(dataset="movielens-small", data_dir=data_dir, **options), backend, embedder, cache,
+                   console=console)

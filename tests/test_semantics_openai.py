@@ -10,15 +10,13 @@ import numpy as np
 import pytest
 
 from fake_openai_server import FakeOpenAIServer
-from prismrec.semantics import DeriveOptions, Deriver, HybridMode, SemanticCache, load_artefact
-from prismrec.semantics.backends.openai import OpenAIBackend, OpenAIChatOptions
+from prismrec.semantics import HybridMode, SemanticCache, load_artefact
 from prismrec.semantics.embedders.openai import EmbeddingFailed, OpenAIEmbedder, OpenAIEmbeddingOptions
 from prismrec.semantics.openai_http import OpenAIClient, OpenAIConnectionOptions, RequestFailed
-from semantics_helpers import WITHOUT_POSTER, make_tiny_movielens, run_deriver
+from semantics_helpers import FAST_RETRY, WITHOUT_POSTER, make_tiny_movielens, openai_deriver, run_deriver
 
 N_ITEMS = 12
 N_POSTERS = N_ITEMS - len(WITHOUT_POSTER)
-FAST_RETRY = {"backoff_base_s": 0.01, "backoff_max_s": 0.05, "timeout_s": 5.0}
 
 
 @pytest.fixture()
@@ -34,18 +32,9 @@ def data_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return tmp_path / "data"
 
 
-def _deriver(cache: SemanticCache, data_dir: Path, urls: list[str], *, concurrency: int = 4, max_retries: int = 3,
-             timeout_s: float = 5.0, **options: object) -> Deriver:
-    retry = {**FAST_RETRY, "timeout_s": timeout_s}
-    backend = OpenAIBackend(OpenAIChatOptions(base_urls=urls, model="fake-vl", concurrency=concurrency,
-                                              max_retries=max_retries, **retry), cache)
-    embedder = OpenAIEmbedder(OpenAIEmbeddingOptions(base_urls=urls, batch_size=5, **FAST_RETRY))
-    return Deriver(DeriveOptions(dataset="movielens-small", data_dir=data_dir, **options), backend, embedder, cache)
-
-
 def test_openai_derivation_attaches_images_and_reruns_without_calls(data_dir: Path, tmp_path: Path) -> None:
     with FakeOpenAIServer(latency_s=0.05) as server, SemanticCache(tmp_path / "cache.sqlite") as cache:
-        report = asyncio.run(run_deriver(_deriver(cache, data_dir, [server.url], name="fake")))
+        report = asyncio.run(run_deriver(openai_deriver(cache, data_dir, [server.url], name="fake")))
         assert report.written and not report.failures
         # textual: 12; visual and hybrid: 10 with posters each; the 2 poster-less items reuse the textual answer
         chat = server.counts["/v1/chat/completions"]
@@ -62,7 +51,7 @@ def test_openai_derivation_attaches_images_and_reruns_without_calls(data_dir: Pa
         assert artefact.manifest["backend"]["api_key_set"] is False
 
         server.reset_counts()
-        again = asyncio.run(run_deriver(_deriver(cache, data_dir, [server.url], name="fake")))
+        again = asyncio.run(run_deriver(openai_deriver(cache, data_dir, [server.url], name="fake")))
         assert again.written and again.model_calls == 0 and again.embed_calls == 0
         assert server.counts["requests"] == 0
 
@@ -73,7 +62,7 @@ def test_transient_faults_are_retried(server: FakeOpenAIServer, data_dir: Path, 
         server.add_fault(kind, times=1)
     server.add_fault("delay", seconds=1.0, times=1)  # longer than the 0.5 s timeout below
     with SemanticCache(tmp_path / "cache.sqlite") as cache:
-        deriver = _deriver(cache, data_dir, [server.url], limit=4, max_retries=12, timeout_s=0.5)
+        deriver = openai_deriver(cache, data_dir, [server.url], limit=4, max_retries=12, timeout_s=0.5)
         report = asyncio.run(run_deriver(deriver))
     assert report.written and not report.failures
     assert server.stats()["faults_pending"] == 0
@@ -88,7 +77,7 @@ def test_persistent_failure_is_recorded_never_embedded_and_fails_the_run(server:
     server.add_fault("500", match="attributes: title: Heat", times=-1)
     server.add_fault("500", match="info is: title: Heat", times=-1)
     with SemanticCache(tmp_path / "cache.sqlite") as cache:
-        report = asyncio.run(run_deriver(_deriver(cache, data_dir, [server.url], name="broken", max_retries=2)))
+        report = asyncio.run(run_deriver(openai_deriver(cache, data_dir, [server.url], name="broken", max_retries=2)))
         assert not report.written
         assert not (tmp_path / "home" / "semantics" / "broken" / "embeddings.safetensors").exists()
         assert {(f.route, f.external_id) for f in report.failures} == {("textual", "6"), ("hybrid", "6")}
@@ -98,7 +87,7 @@ def test_persistent_failure_is_recorded_never_embedded_and_fails_the_run(server:
         assert statuses == {"textual": "failed", "visual": "ok", "hybrid": "failed"}
 
         # with --allow-fallback original the artefact is written and the failed rows hold the original text
-        fallback = asyncio.run(run_deriver(_deriver(cache, data_dir, [server.url], name="broken", max_retries=0,
+        fallback = asyncio.run(run_deriver(openai_deriver(cache, data_dir, [server.url], name="broken", max_retries=0,
                                              allow_fallback="original")))
         assert fallback.written
         artefact = load_artefact("broken")
@@ -114,7 +103,7 @@ def test_visual_prompt_failure_only_hits_items_it_matches(server: FakeOpenAIServ
                                                           tmp_path: Path) -> None:
     server.add_fault("refuse", match="Analyze the provided image", times=-1)
     with SemanticCache(tmp_path / "cache.sqlite") as cache:
-        report = asyncio.run(run_deriver(_deriver(cache, data_dir, [server.url], name="refused", max_retries=1)))
+        report = asyncio.run(run_deriver(openai_deriver(cache, data_dir, [server.url], name="refused", max_retries=1)))
     assert not report.written
     assert {f.route for f in report.failures} == {"visual"}
     assert len(report.failures) == N_POSTERS  # poster-less items used the textual prompt and succeeded
@@ -123,7 +112,7 @@ def test_visual_prompt_failure_only_hits_items_it_matches(server: FakeOpenAIServ
 
 def test_multi_turn_refinement_stops_when_text_settles(data_dir: Path, tmp_path: Path) -> None:
     with FakeOpenAIServer(refine_changes=1) as server, SemanticCache(tmp_path / "cache.sqlite") as cache:
-        report = asyncio.run(run_deriver(_deriver(cache, data_dir, [server.url], name="mt", limit=3,
+        report = asyncio.run(run_deriver(openai_deriver(cache, data_dir, [server.url], name="mt", limit=3,
                                            hybrid_mode=HybridMode.MULTI_TURN, max_rounds=3)))
         results = {r.item_id: r for r in cache.item_results("mt", "hybrid")}
     assert report.written
@@ -133,7 +122,7 @@ def test_multi_turn_refinement_stops_when_text_settles(data_dir: Path, tmp_path:
         assert result.text is not None and result.text.endswith("Refinement 1 adds a detail.")
         assert result.template == "prismrec-hybrid-initial@v1+prismrec-hybrid-refine@v1"
     with FakeOpenAIServer(refine_changes=10) as server, SemanticCache(tmp_path / "cache2.sqlite") as cache:
-        asyncio.run(run_deriver(_deriver(cache, data_dir, [server.url], name="mt2", limit=2,
+        asyncio.run(run_deriver(openai_deriver(cache, data_dir, [server.url], name="mt2", limit=2,
                                   hybrid_mode=HybridMode.MULTI_TURN, max_rounds=2)))
         assert {r.rounds for r in cache.item_results("mt2", "hybrid")} == {2}  # capped by max_rounds
 
@@ -145,7 +134,8 @@ def test_fan_out_across_servers_and_api_key_is_sent_but_never_stored(data_dir: P
     monkeypatch.setenv("OPENAI_API_KEY", secret)
     with FakeOpenAIServer() as one, FakeOpenAIServer() as two, SemanticCache(tmp_path / "cache.sqlite") as cache:
         one.add_fault("500", times=-1, match="Jumanji")  # only server one fails for this item: fan-out retries on two
-        report = asyncio.run(run_deriver(_deriver(cache, data_dir, [one.url, two.url], name="fan", max_retries=6)))
+        deriver = openai_deriver(cache, data_dir, [one.url, two.url], name="fan", max_retries=6)
+        report = asyncio.run(run_deriver(deriver))
         assert report.written and not report.failures
         assert one.counts["requests"] > 3 and two.counts["requests"] > 3
         assert set(one.authorization_headers + two.authorization_headers) == {f"Bearer {secret}"}
@@ -200,10 +190,10 @@ def test_xreflect_route_is_opt_in_cached_and_feeds_the_xreflect_baseline(server:
     from prismrec.models.enhancers.xreflect import XREFLECT, XREFLECTConfig
 
     with SemanticCache(tmp_path / "cache.sqlite") as cache:
-        plain = asyncio.run(run_deriver(_deriver(cache, data_dir, [server.url], name="xr")))
+        plain = asyncio.run(run_deriver(openai_deriver(cache, data_dir, [server.url], name="xr")))
         assert plain.written and "xreflect" not in load_artefact("xr").matrices
         server.reset_counts()
-        report = asyncio.run(run_deriver(_deriver(cache, data_dir, [server.url], name="xr", xreflect=True)))
+        report = asyncio.run(run_deriver(openai_deriver(cache, data_dir, [server.url], name="xr", xreflect=True)))
         assert report.written and not report.failures
         # the three DMESR routes come from the cache; only the cross-reflection prompts reach the server
         assert server.counts["/v1/chat/completions"] == N_POSTERS
@@ -230,7 +220,7 @@ def test_xreflect_route_is_opt_in_cached_and_feeds_the_xreflect_baseline(server:
         assert {records[int(i)].template for i in rows} == {"xreflect@v1"}
 
         server.reset_counts()
-        again = asyncio.run(run_deriver(_deriver(cache, data_dir, [server.url], name="xr", xreflect=True)))
+        again = asyncio.run(run_deriver(openai_deriver(cache, data_dir, [server.url], name="xr", xreflect=True)))
         assert again.written and again.model_calls == 0 and server.counts["requests"] == 0
 
     seqs = load_sequences("movielens-small", data_dir)

@@ -15,16 +15,14 @@ from typer.testing import CliRunner
 
 from fake_openai_server import FakeOpenAIServer, server_refusal
 from prismrec.cli.app import app
-from prismrec.semantics import DeriveOptions, Deriver, SemanticCache, load_artefact
+from prismrec.semantics import Deriver, SemanticCache, load_artefact
 from prismrec.semantics.backends.openai import OpenAIBackend, OpenAIChatOptions
-from prismrec.semantics.embedders.openai import OpenAIEmbedder, OpenAIEmbeddingOptions
 from prismrec.semantics.openai_http import OpenAIClient, OpenAIConnectionOptions, RequestFailed, classify_error
 from prismrec.semantics.types import ChatMessage, GenerationFailure, GenerationRequest, ItemRecord
-from semantics_helpers import WITHOUT_POSTER, make_tiny_movielens, run_deriver
+from semantics_helpers import FAST_RETRY, WITHOUT_POSTER, make_tiny_movielens, openai_deriver, run_deriver
 
 N_ITEMS = 12
 N_POSTERS = N_ITEMS - len(WITHOUT_POSTER)
-FAST_RETRY = {"backoff_base_s": 0.01, "backoff_max_s": 0.05, "timeout_s": 5.0}
 TEXT_ONLY = [("llama-server", None), ("vllm", {"fake-vl"}), ("ollama", {"fake-vl"})]
 
 
@@ -35,13 +33,9 @@ def data_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return tmp_path / "data"
 
 
-def _deriver(cache: SemanticCache, data_dir: Path, url: str, console: Console | None = None, *,
-             max_retries: int = 3, chat: dict | None = None, **options: object) -> Deriver:
-    backend = OpenAIBackend(OpenAIChatOptions(base_urls=[url], model="fake-vl", concurrency=4,
-                                              max_retries=max_retries, **FAST_RETRY, **(chat or {})), cache)
-    embedder = OpenAIEmbedder(OpenAIEmbeddingOptions(base_urls=[url], batch_size=5, **FAST_RETRY))
-    return Deriver(DeriveOptions(dataset="movielens-small", data_dir=data_dir, **options), backend, embedder, cache,
-                   console=console)
+def _deriver(cache: SemanticCache, data_dir: Path, url: str, console: Console | None = None,
+             **options: object) -> Deriver:
+    return openai_deriver(cache, data_dir, [url], console=console, **options)  # type: ignore[arg-type]
 
 
 def _quiet() -> tuple[Console, io.StringIO]:

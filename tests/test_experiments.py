@@ -223,13 +223,23 @@ def test_grid_runs_reuses_extends_and_reports(tmp_path):
     assert none_hit["mean"] == pytest.approx(np.mean(values))
     assert none_hit["std"] == pytest.approx(np.std(values, ddof=1))
 
-    # The p-value is scipy's paired test over the per-user arrays of matching seeds, concatenated.
+    # The p-values are scipy's paired tests over *users*: each method's per-user arrays averaged over the
+    # seeds first (the same users re-measured), never seeds x users concatenated.
     gru_ndcg = by_key[("GRU", "ndcg@10", "full", "all")]
     assert gru_ndcg["best_baseline"] == "None"
     per_user = {(r.cell.method, r.cell.seed): r.per_user() for r in third["results"]}
-    ours = np.concatenate([per_user[("GRU", s)]["test/full/ndcg@10"] for s in (42, 43, 44)])
-    theirs = np.concatenate([per_user[("None", s)]["test/full/ndcg@10"] for s in (42, 43, 44)])
+    users = per_user[("GRU", 42)]["test/full/users"]
+    assert all(np.array_equal(per_user[(m, s)]["test/full/users"], users) for m in ("GRU", "None")
+               for s in (42, 43, 44))
+    ours = np.mean([per_user[("GRU", s)]["test/full/ndcg@10"] for s in (42, 43, 44)], axis=0)
+    theirs = np.mean([per_user[("None", s)]["test/full/ndcg@10"] for s in (42, 43, 44)], axis=0)
+    assert gru_ndcg["n_users"] == len(users) == len(ours)
     assert gru_ndcg["p_value"] == pytest.approx(stats.ttest_rel(ours, theirs).pvalue)
+    assert gru_ndcg["p_value_wilcoxon"] == pytest.approx(stats.wilcoxon(ours, theirs).pvalue)
+    assert gru_ndcg["diff_vs_baseline"] == pytest.approx(float(np.mean(ours - theirs)))
+    assert gru_ndcg["diff_ci95_low"] <= gru_ndcg["diff_vs_baseline"] <= gru_ndcg["diff_ci95_high"]
+    assert gru_ndcg["ci95_low"] <= gru_ndcg["mean"] <= gru_ndcg["ci95_high"]
+    assert gru_ndcg["min_detectable_diff"] > 0
     assert gru_ndcg["test_seeds"] == [42, 43, 44] and gru_ndcg["test_mean"] == pytest.approx(gru_ndcg["mean"])
     assert by_key[("None", "ndcg@10", "full", "all")]["p_value"] is None
     longtail = by_key[("GRU", "hit@10", "sampled", "longtail")]
@@ -243,7 +253,10 @@ def test_grid_runs_reuses_extends_and_reports(tmp_path):
     assert "0.4951" in none_line and f"{none_hit['mean'] - 0.4951:+.4f}" in none_line
     gru_line = next(line for line in table.splitlines() if line.startswith("| sasrec | GRU |"))
     star = "*" if gru_ndcg["p_value"] < 0.05 else ""
-    assert f"{gru_ndcg['mean']:.4f} ± {gru_ndcg['std']:.4f}{star} |" in gru_line
+    assert (f"{gru_ndcg['mean']:.4f} ± {gru_ndcg['std']:.4f} [{gru_ndcg['ci95_low']:.4f}, "
+            f"{gru_ndcg['ci95_high']:.4f}]{star} |") in gru_line
+    assert "minus the best baseline of the same backbone, over test users" in table
+    assert f"| {gru_ndcg['n_users']} | {gru_ndcg['diff_vs_baseline']:+.4f} [" in table
     assert "GRU-sasrec-s44" in table and "Not finished" not in table  # wall time per cell
     assert "Tests on fewer seeds" not in table
     for figure in ("longtail.png", "tiny.png"):
@@ -275,7 +288,8 @@ def test_keep_rows_joins_backbones_run_on_different_machines(tmp_path):
     assert "| sasrec | None |" in table  # the test grid gives sasrec no label
     assert "| GRU4Rec | None |" in table and "kept from an earlier invocation" in table
     gru_none = next(r for r in gru_rows if (r["method"], r["metric"], r["mode"]) == ("None", "hit@10", "sampled"))
-    assert f"| GRU4Rec | None | {gru_none['mean']:.4f} (1 seed) |" in table  # no "± 0.0000" for one seed
+    # No "± 0.0000" for one seed; the interval over users is still there.
+    assert f"| GRU4Rec | None | {gru_none['mean']:.4f} (1 seed) [{gru_none['ci95_low']:.4f}, " in table
     assert "first command" in table and "second command" in table
     cells = json.loads((out / "joined.cells.json").read_text())
     assert [c["cell"] for c in cells] == [*(r.cell.cell_id for r in first["results"]),
@@ -472,3 +486,59 @@ def test_a_cell_another_process_is_training_is_not_trained_twice(tmp_path):
     # The lock dies with its process: no stale lock to clear by hand.
     done = reproduce(path, "movielens-small", seeds=[42], out_dir=tmp_path / "report", runs_root=runs, quiet=True)
     assert first.cell_id in done["trained"] and (busy / "final.json").exists()
+
+
+def test_select_axis_is_chosen_on_validation_and_only_the_choice_trains_later_seeds(tmp_path):
+    """[select]: both losses train on the selection seed, the one with the higher validation NDCG@10 is kept per
+    method, the other seed trains only it, and the report's rows are over the chosen cells (no loss column, the
+    choice beside the row; every trained cell in the time table)."""
+    path = _experiment(tmp_path, "selected", GRID.format(tiny=json.dumps(TINY)) + """
+    [select]
+    axis = "loss"
+    seeds = [42]
+
+    [[axes]]
+    name = "loss"
+    key = "training.loss"
+    values = ["bce", "ce"]
+    """)
+    out, runs = tmp_path / "report", tmp_path / "runs"
+    report = reproduce(path, "movielens-small", out_dir=out, runs_root=runs, quiet=True)
+    selection = report["selection"]
+    trained = report["trained"]
+    assert sorted(c for c in trained if c.endswith("-s42")) == sorted(
+        f"{m}-sasrec-loss{loss}-s42" for m in ("None", "GRU") for loss in ("bce", "ce"))
+    for method in ("None", "GRU"):
+        group = (method, "sasrec", ())
+        run_dirs = {r.cell.cell_id: r.run_dir for r in report["results"]}
+        finals = {loss: json.loads((run_dirs[f"{method}-sasrec-loss{loss}-s42"] / "final.json").read_text())
+                  ["metrics"]["valid/sampled"]["ndcg@10"] for loss in ("bce", "ce")}
+        expected = max(("bce", "ce"), key=lambda loss: (finals[loss], loss == "bce"))
+        assert selection.chosen[group] == expected
+        # Seed 43 trained the chosen loss only.
+        assert [c for c in trained if c.startswith(f"{method}-") and c.endswith("-s43")] == [
+            f"{method}-sasrec-loss{expected}-s43"]
+    rows = json.loads((out / "selected.json").read_text())
+    assert all(r["axes"] == {} and r["selected"]["loss"] in ("bce", "ce") for r in rows)
+    none_hit = next(r for r in rows if (r["method"], r["metric"], r["mode"], r["subset"]) == ("None", "hit@10",
+                                                                                            "sampled", "all"))
+    assert none_hit["n_seeds"] == 2 and none_hit["selected"]["loss"] == selection.chosen[("None", "sasrec", ())]
+    table = (out / "selected.md").read_text()
+    assert "is chosen per method and backbone on validation, never on test" in table
+    assert "| Backbone | Method | loss (chosen) | H@10 s100 |" in table
+    assert all(f"| {cell} |" in table for cell in trained)  # the values not chosen count in the time table
+    saved = json.loads((out / "selected.selection.json").read_text())
+    assert {(r["method"], r["chosen"]) for r in saved} == {(m, selection.chosen[(m, "sasrec", ())])
+                                                           for m in ("None", "GRU")}
+    # A second invocation trains nothing and makes the same choice.
+    again = reproduce(path, "movielens-small", out_dir=out, runs_root=runs, quiet=True)
+    assert again["trained"] == [] and again["selection"].chosen == selection.chosen
+
+
+def test_select_must_name_an_axis(tmp_path):
+    path = _experiment(tmp_path, "badselect", GRID.format(tiny=json.dumps(TINY)) + """
+    [select]
+    axis = "los"
+    """)
+    with pytest.raises(ConfigError, match=r"select\.axis = 'los' is not one of the axes"):
+        load_experiment(path)

@@ -5,12 +5,15 @@ from __future__ import annotations
 import shlex
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
 
 from prismrec.data.errors import DataError
+
+if TYPE_CHECKING:
+    from prismrec.experiments import Cell, ExperimentRunner, ExperimentSpec
 from prismrec.options import ConfigError, command_line_overrides
 
 commands = typer.Typer()  # merged into the top level by prismrec.cli.app
@@ -31,6 +34,22 @@ def _names(text: str | None) -> list[str] | None:
     """A comma-separated option (``--backbones``, ``--methods``) as a list; None (everything) when not given."""
     names = [n.strip() for n in text.split(",") if n.strip()] if text else []
     return names or None
+
+
+def _selection_plan(spec: ExperimentSpec, cells: list[Cell], checker: ExperimentRunner,
+                    seeds: list[int] | None) -> tuple[list[Cell], list[Cell]]:
+    """Cells of an experiment with a [select] axis as the run would train them: the selection seeds' cells,
+    then the chosen value's cells of the other seeds where the choice is made; the rest wait for it."""
+    from prismrec.experiments.runner import ExperimentRunner
+    from prismrec.experiments.selection import choose, chosen_cells, selection_seeds
+
+    chosen_seeds = selection_seeds(spec, list(seeds or spec.seeds))
+    first = [c for c in cells if c.seed in chosen_seeds]
+    finished = ExperimentRunner(spec, [c for c in first if checker.is_done(c)], records=checker.records,
+                                quiet=True, finished_only=True).run()
+    selection = choose(spec, cells, finished, chosen_seeds)
+    later, waiting = chosen_cells(cells, selection)
+    return [*first, *later], waiting
 
 
 @commands.command()
@@ -82,11 +101,18 @@ def reproduce(
                                     method_names)
             cells = expand_cells(spec, dataset, _seeds(seeds), overrides)
             checker = ExperimentRunner(spec, cells, records=records)
+            waiting: list = []
+            if spec.select is not None:
+                cells, waiting = _selection_plan(spec, cells, checker, _seeds(seeds))
             done = 0
             for cell in cells:
                 finished = checker.is_done(cell)
                 done += finished
                 console.print(f"{'done' if finished else 'todo'}  {cell.cell_id}  ({cell.config.config_hash()})")
+            if waiting and spec.select is not None:
+                values = next(len(a.values) for a in spec.axes if a.name == spec.select.axis)
+                console.print(f"later: {len(waiting) // values} cells train once the selection cells have chosen "
+                              f"{spec.select.axis} (listed above: the selection cells and the chosen ones)")
             console.print(f"{len(cells)} cells: {done} done, {len(cells) - done} left")
             for name, needed_by in checker.missing_artefacts().items():
                 console.print(f"missing semantics {name} ({len(needed_by)} cell(s)): {derive_command(name)}")

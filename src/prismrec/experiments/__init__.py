@@ -11,8 +11,10 @@ from pathlib import Path
 from typing import Any
 
 from prismrec.data.paths import output_dir
-from prismrec.experiments.report import load_carried_rows, paired_t_test, write_report
+from prismrec.evaluation.statistics import paired_t_test
+from prismrec.experiments.report import load_carried_rows, write_report
 from prismrec.experiments.runner import CellResult, ExperimentRunner
+from prismrec.experiments.selection import Selection, choose, chosen_cells, selection_seeds
 from prismrec.experiments.spec import (
     Cell,
     ExperimentSpec,
@@ -66,10 +68,27 @@ def reproduce(experiment: str | Path, dataset: str, seeds: Sequence[int] | None 
     cells = expand_cells(spec, dataset, seeds, overrides)
     out = out_dir or output_dir("reports") / spec.name
     carried = load_carried_rows(out, spec.name, [b.name for b in spec.backbones]) if keep_rows else None
-    runner = ExperimentRunner(spec, cells, runs_root=runs_root, quiet=quiet, records=records,
-                              finished_only=finished_only)
-    results = runner.run()
+    def runner_for(chosen: Sequence[Cell]) -> ExperimentRunner:
+        return ExperimentRunner(spec, chosen, runs_root=runs_root, quiet=quiet, records=records,
+                                finished_only=finished_only)
+
+    selection: Selection | None = None
+    if spec.select is None:
+        runner = runner_for(cells)
+        results, trained, missing = runner.run(), list(runner.trained), list(runner.missing)
+    else:
+        # Two phases (see .selection): every value on the selection seeds, then the chosen value on the rest.
+        chosen_seeds = selection_seeds(spec, list(seeds or spec.seeds))
+        first = runner_for([c for c in cells if c.seed in chosen_seeds])
+        results = first.run()
+        selection = choose(spec, cells, results, chosen_seeds)
+        to_run, waiting = chosen_cells(cells, selection)
+        second = runner_for(to_run)
+        results += second.run()
+        trained = [*first.trained, *second.trained]
+        missing = [*first.missing, *second.missing, *waiting]
     report = write_report(full_spec if carried else spec, results, dataset, out,
-                          command or f"prismrec reproduce {spec.name} --dataset {dataset}", carried, runner.missing)
-    return {**report, "results": results, "trained": list(runner.trained), "missing": list(runner.missing),
-            "spec": spec}
+                          command or f"prismrec reproduce {spec.name} --dataset {dataset}", carried, missing,
+                          selection=selection)
+    return {**report, "results": results, "trained": trained, "missing": missing, "spec": spec,
+            "selection": selection}

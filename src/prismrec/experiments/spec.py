@@ -57,6 +57,16 @@ class AxisSpec(_Strict):
     values: list[float | int | str | bool] = Field(..., min_length=1)
 
 
+class SelectSpec(_Strict):
+    """An axis whose value is chosen on validation per method and backbone (:mod:`.selection`)."""
+
+    axis: str = Field(..., description="name of one of the experiment's axes, e.g. loss")
+    metric: str = Field("valid/sampled/ndcg@10", pattern=r"^valid/(sampled|full)/[a-z]+(@[0-9]+)?$",
+                        description="validation metric of the best checkpoint that decides (higher is better)")
+    seeds: list[int] | None = Field(None, min_length=1, description="seeds that train every value "
+                                    "(default: the first seed run); the other seeds train only the chosen one")
+
+
 class ExperimentSpec(_Strict):
     name: str = Field(..., pattern=_NAME)
     title: str = ""
@@ -73,6 +83,7 @@ class ExperimentSpec(_Strict):
     methods: list[MethodSpec] = Field(..., min_length=1)
     backbones: list[BackboneSpec] = Field(..., min_length=1)
     axes: list[AxisSpec] = Field(default_factory=list)
+    select: SelectSpec | None = Field(None, description="an axis chosen on validation instead of reported")
 
     @model_validator(mode="after")
     def _consistent(self) -> ExperimentSpec:
@@ -81,6 +92,9 @@ class ExperimentSpec(_Strict):
             duplicates = sorted({n for n in names if names.count(n) > 1})
             if duplicates:
                 raise ValueError(f"duplicate {kind} name(s): {', '.join(duplicates)}")
+        if self.select is not None and self.select.axis not in {a.name for a in self.axes}:
+            raise ValueError(f"select.axis = {self.select.axis!r} is not one of the axes "
+                             f"({', '.join(a.name for a in self.axes) or 'none'})")
         if self.proposed not in {m.name for m in self.methods}:
             raise ValueError(f"proposed = {self.proposed!r} is not one of the methods "
                              f"({', '.join(m.name for m in self.methods)})")

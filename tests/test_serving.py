@@ -402,3 +402,12 @@ def test_last_position_shortcut_equals_the_full_backbone(exports):
             full = backbone(vectors, inputs == 0)[:, -1]
             fast = last_hidden(backbone, vectors, inputs == 0)
         assert torch.allclose(full, fast, atol=1e-5)
+
+
+def test_serve_refuses_bad_limit_flags_naming_them(runs):
+    result = CliRunner().invoke(cli_app, ["serve", str(runs.sasrec_export), "--read-timeout", "0", "--workers", "0",
+                                          "--max-body-bytes", "-1"])
+    assert result.exit_code == 2
+    for message in ("--read-timeout must be positive", "--workers must be at least 1",
+                    "--max-body-bytes must be positive"):
+        assert message in result.output

@@ -78,13 +78,17 @@ def serve(
         raise typer.Exit(2)
     limits = {"max_k": max_k, "max_body_bytes": max_body_bytes, "max_header_bytes": max_header_bytes,
               "max_headers": max_headers, "read_timeout_s": read_timeout, "max_in_flight": max_in_flight}
-    try:
-        ServerLimits(**limits)
-        if workers < 1:
-            raise ValueError(f"--workers must be at least 1 (got {workers})")
-    except ValueError as exc:
-        console.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(2) from None
+    flags = {"max_k": "--max-k", "max_body_bytes": "--max-body-bytes", "max_header_bytes": "--max-header-bytes",
+             "max_headers": "--max-headers", "read_timeout_s": "--read-timeout", "max_in_flight": "--max-in-flight"}
+    bad = [f"{flags[name]} must be positive (got {value})" for name, value in limits.items() if value <= 0]
+    if workers < 1:
+        bad.append(f"--workers must be at least 1 (got {workers})")
+    if graceful_timeout < 0:
+        bad.append(f"--graceful-timeout must be 0 or more (got {graceful_timeout})")
+    if bad:
+        console.print(f"[red]error:[/red] {'; '.join(bad)}")
+        raise typer.Exit(2)
+    ServerLimits(**limits)
     spec = ServeSpec(exports=[str(d) for d in out_dirs], data_dir=str(data_dir) if data_dir else None, index=index,
                      threads=threads, limits=limits)
     token = os.environ.get(TOKEN_ENV) or None

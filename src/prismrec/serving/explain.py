@@ -116,7 +116,7 @@ def explain(ranker: Ranker, history: np.ndarray, items: np.ndarray, top_n: int =
         return [[] for _ in items]
     variants = [history] + [np.delete(history, p) for p in positions]
     inputs = pad_left(variants, ranker.max_len).to(ranker.inputs([history]).device)
-    with _Capture(ranker.model) as capture:
+    with ranker.lock, _Capture(ranker.model) as capture:
         scores = ranker._scores(inputs)
     chosen = scores[:, torch.as_tensor(items, device=scores.device)].float().cpu().numpy()  # (1 + L, k)
     drops = chosen[0][None, :] - chosen[1:]  # (L, k)

@@ -21,6 +21,7 @@ hundred thousand items exact search is as fast and has no recall loss.
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -133,6 +134,9 @@ class Ranker:
         self.n_items = int(item_matrix.shape[0] - 1) if item_matrix is not None else None
         self.index_kind: IndexKind = index
         self.tables: dict[str, torch.Tensor] = {}  # the export's item tables (DMESR: coarse, fine, scoring)
+        # One ranking at a time on this model: explanations add forward hooks, which must not appear or
+        # vanish while another thread runs the same modules.
+        self.lock = threading.RLock()
         self.faiss_index = None
         if index == "faiss":
             if item_matrix is None:
@@ -196,6 +200,11 @@ class Ranker:
         ``exclude_seen``: one flag for all histories or one per history. ``candidates``: per history, the
         only internal ids that may be returned (None in a row: every item).
         """
+        with self.lock:
+            return self._top_k(histories, k, exclude_seen, candidates)
+
+    def _top_k(self, histories: list[np.ndarray], k: int, exclude_seen: bool | list[bool],
+               candidates: list[np.ndarray | None] | None) -> list[TopK]:
         flags = [exclude_seen] * len(histories) if isinstance(exclude_seen, bool) else list(exclude_seen)
         inputs = self.inputs(histories)
         restricted = candidates is not None and any(c is not None for c in candidates)

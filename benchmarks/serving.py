@@ -428,9 +428,15 @@ semantic inputs (untrained weights: latency depends on shapes only).
   jobs: 1-minute load average {results['load_average_start']:.1f} at the start and
   {results['load_average_end']:.1f} at the end (2 cores), so absolute numbers are pessimistic and noisy;
   the ratios compare the two models under the same conditions (alternating chunks).
-- The ratio at concurrency 1 is the in-process gap (DMESR's cross-attention, second view and 2d-wide item
-  matrix) over a shared HTTP floor: the busier the machine, the larger the floor and the smaller the ratio;
-  on an idle machine with a ~1 ms floor it would be about (1 + DMESR compute) / (1 + SASRec compute).
+- Why DMESR is slower per request: it runs the shared backbone on *two* views (coarse and fine, stacked as
+  one batch of 2) after a bidirectional cross-attention over the history (paper Eq. 5-6), so its ranking
+  compute is about twice SASRec's (in-process ratio above); the item side is already precomputed. What
+  was cut for both models (issue 26): the last Transformer block now runs its query, output projection and
+  feed-forward for the last position only (the only one ranking needs; checked equal to the full pass), and
+  the per-item title / poster / attribute lookups of an answer no longer go through pandas rows (about 0.1 ms
+  each, 20 per top-10 answer, a large part of the old per-request floor). The remaining gap is DMESR's
+  second view: the concurrency-1 ratio is (floor + DMESR compute) / (floor + SASRec compute), so it is
+  larger on a quiet machine (small floor) than on a busy one.
 - Each server handles HTTP on its event loop and ranks on one worker thread per export; requests that arrive
   while the model is busy are ranked together in one batch (micro-batching, no added wait), so throughput
   at 8 and 32 in flight is limited by the 2 shared cores and the extra latency is queueing.
@@ -483,7 +489,10 @@ requests still in flight when the {seconds} s end, listed apart (not errors of t
 
 - `workers2_throughput_ratio`: **{ratio:.3f}** (2 workers / 1 worker). The machine has {os.cpu_count()} cores, shared
   with hey itself (and other jobs: 1-minute load average {results['load_average_after_hey']:.1f} after the hey
-  phases); one worker already ranks concurrent requests in micro-batches.
+  phases). One worker already keeps both cores busy (HTTP on its event loop, ranking on its batcher thread)
+  and ranks the 16 requests in flight in micro-batches; two workers split the stream (both were measured
+  busy, about 4-5 CPU-seconds each per 10 s) into smaller batches on the same two cores, so they do more work
+  per request. Workers pay off when there are more cores than one worker's two threads can use.
 - Each worker memory-maps the export's safetensors (copy-on-write): a worker's RSS is
   {worker_rss:.0f} MB, of which {worker_uss:.0f} MB is its own (USS); the mapped weights and item tables are file
   pages shared by both (the PSS column counts them once). The parent (uvicorn's supervisor) holds no model.

@@ -28,7 +28,6 @@ bound. Slow clients and endless heads are cut by the protocol layer (:mod:`prism
 
 from __future__ import annotations
 
-import asyncio
 import hmac
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -256,8 +255,8 @@ def create_app(exports: list[Export], token: str | None = None, limits: ServerLi
         items = [ScoredItem(item_id=export.external(int(i)), title=export.title(int(i)), score=float(s),
                             image_url=image_url(export, int(i))) for i, s in zip(top.items, top.scores, strict=True)]
         if request.explain:
-            named = await asyncio.to_thread(explain, export.ranker, history, top.items, request.explain_top,
-                                            export.ranker.tables)
+            named = await batchers[export.name].run(explain, export.ranker, history, top.items,
+                                                    request.explain_top, export.ranker.tables)
             for item, contributions in zip(items, named, strict=True):
                 item.description = state.description(export, item.item_id)
                 item.because = state.reasons(export, contributions, positions)

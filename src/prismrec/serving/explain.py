@@ -149,8 +149,8 @@ def explain(ranker: Ranker, history: np.ndarray, items: np.ndarray, top_n: int =
 
 def reason(c: Contribution) -> str:
     """One line a person can read: what removing the item does and what the model's weights say."""
-    parts = [f"without it the score drops by {c.score_drop:.3f}" if c.score_drop >= 0
-             else f"without it the score rises by {-c.score_drop:.3f}"]
+    parts = [f"without it the score drops by {c.score_drop:.3g}" if c.score_drop >= 0
+             else f"without it the score rises by {-c.score_drop:.3g}"]
     if c.attention is not None:
         parts.append(f"last-position attention {c.attention:.2f}")
     if c.cross_attention:

@@ -8,6 +8,10 @@ writes it.
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -113,3 +117,67 @@ class LiveServer:
 
 
 SHARED_DATA_PRESENT = (Path(__file__).resolve().parents[1].parent / "shared" / "data" / "movielens-small").is_dir()
+
+
+class ServeProcess:
+    """`prismrec serve EXPORTS... ARGS` as a real subprocess on a free 127.0.0.1 port, up once /health answers."""
+
+    def __init__(self, exports: list[Path], *args: str, startup_s: float = 180) -> None:
+        import socket
+
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.command = [sys.executable, "-m", "prismrec", "serve", *map(str, exports), "--port", str(self.port), *args]
+        self.startup_s = startup_s
+        self.process: subprocess.Popen | None = None
+        self.log = Path(tempfile.mkstemp(prefix="prismrec-serve-", suffix=".log")[1])
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+    def __enter__(self) -> ServeProcess:
+        import time
+
+        import httpx
+
+        env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
+        env.pop("PRISMREC_SERVE_TOKEN", None)
+        with self.log.open("wb") as log:
+            self.process = subprocess.Popen(self.command, env=env, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + self.startup_s
+        while True:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"prismrec serve exited with {self.process.returncode}: {self.output()}")
+            try:
+                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
+                    return self
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                self.process.kill()
+                raise RuntimeError(f"prismrec serve did not answer /health in {self.startup_s} s: {self.output()}")
+            time.sleep(0.2)
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")[-4000:]
+
+    def stop(self, timeout: float = 60) -> int:
+        """SIGTERM, then wait; the exit status."""
+        assert self.process is not None
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+            raise
+
+    def __exit__(self, *exc: object) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.stop()
+        self.log.unlink(missing_ok=True)

@@ -95,7 +95,7 @@ def test_explorer_item_search_and_user_view_in_chromium(served, tmp_path):
             if found:
                 user_id, marked = found
                 break
-    expected = httpx.get(f"{url}/users/{user_id}/recommendations", params={"model": marked}).json()
+    expected = httpx.get(f"{url}/users/{user_id}/recommendations", params={"model": marked, "explain": "true"}).json()
     user = httpx.get(f"{url}/users/{user_id}").json()
     outside: list[str] = []
     with sync_api.sync_playwright() as playwright:
@@ -148,6 +148,16 @@ def test_explorer_item_search_and_user_view_in_chromium(served, tmp_path):
                 sync_api.expect(dmesr.locator("li.hit .badge")).to_have_text("HIT")
                 sync_api.expect(dmesr.locator(".verdict")).to_have_text(f"test item at rank {expected['hit_rank']}")
             sync_api.expect(page.locator("#compare .column ol.recs li")).to_have_count(20)
+            # Explanations under each recommendation: the history items behind it, with the reason.
+            why = dmesr.locator("ol.recs li").first.locator("details.why")
+            why.locator("summary").click()
+            reason = why.locator(".reason").first
+            sync_api.expect(reason).to_contain_text("without it the score")
+            if marked == "export-dmesr":
+                sync_api.expect(reason).to_contain_text("semantic similarity coarse")
+            named = reason.get_attribute("data-because")
+            assert named == expected["items"][0]["because"][0]["item_id"]
+            assert named in {h["item_id"] for h in user["history"]}
             page.wait_for_function("() => [...document.querySelectorAll('#user-view img')]"
                                    ".every(i => i.complete && i.naturalWidth > 0)")
             page.set_viewport_size({"width": 1280, "height": 1180})

@@ -370,3 +370,44 @@ def test_baseline_exports_use_the_dot_product_path_and_rank_like_their_own_score
     for row, top in enumerate(export.ranker.top_k(histories, 10, exclude_seen=False)):
         assert top.items.tolist() == ref_items[row].tolist()
         assert np.allclose(top.scores, ref_values[row].numpy(), atol=1e-4)
+
+
+def test_memory_mapped_loading_reads_the_same_tensors_and_the_model_uses_them(runs):
+    from prismrec.serving.export import mmap_safetensors
+
+    for folder in (runs.sasrec_export, runs.dmesr_export):
+        for name in ("model.safetensors", "item_tables.safetensors"):
+            mapped, copied = mmap_safetensors(folder / name), load_file(str(folder / name))
+            assert mapped.keys() == copied.keys()
+            for key, tensor in copied.items():
+                assert mapped[key].dtype == tensor.dtype and torch.equal(mapped[key], tensor)
+    export = load_export(runs.dmesr_export)
+    mapped = mmap_safetensors(runs.dmesr_export / "model.safetensors")
+    state = export.model.state_dict()
+    # the loaded model's semantic tables are views of a file mapping, not private copies
+    key = next(k for k in state if k.startswith("tables.table_"))
+    assert torch.equal(state[key], mapped[key])
+    assert not state[key].untyped_storage().resizable()  # torch.frombuffer storage (the mapping), not an allocation
+
+
+def test_last_position_shortcut_equals_the_full_backbone(exports):
+    from prismrec.serving.inference import last_hidden
+
+    for export in exports.values():
+        backbone = export.model.backbone
+        histories = [h[-export.ranker.max_len:] for h in export.histories[:30]]
+        inputs = pad_left(histories, export.ranker.max_len)
+        vectors = torch.randn(inputs.shape[0], inputs.shape[1], backbone.hidden_size)
+        with torch.inference_mode():
+            full = backbone(vectors, inputs == 0)[:, -1]
+            fast = last_hidden(backbone, vectors, inputs == 0)
+        assert torch.allclose(full, fast, atol=1e-5)
+
+
+def test_serve_refuses_bad_limit_flags_naming_them(runs):
+    result = CliRunner().invoke(cli_app, ["serve", str(runs.sasrec_export), "--read-timeout", "0", "--workers", "0",
+                                          "--max-body-bytes", "-1"])
+    assert result.exit_code == 2
+    for message in ("--read-timeout must be positive", "--workers must be at least 1",
+                    "--max-body-bytes must be positive"):
+        assert message in result.output

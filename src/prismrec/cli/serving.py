@@ -54,29 +54,71 @@ def serve(
     port: Annotated[int, typer.Option(help="TCP port")] = 8000,
     data_dir: Annotated[Path | None, typer.Option("--data-dir", help="where the dataset (posters) is now")] = None,
     index: Annotated[str, typer.Option(help="exact (matrix product + topk) or faiss (needs faiss-cpu)")] = "exact",
-    threads: Annotated[int, typer.Option(help="torch CPU threads per request")] = 1,
+    threads: Annotated[int, typer.Option(help="torch CPU threads per worker")] = 1,
+    workers: Annotated[int, typer.Option(help="server processes sharing the port (each memory-maps the "
+                                              "exports, so the weights are held once)")] = 1,
     max_k: Annotated[int, typer.Option(help="largest k a request may ask for")] = 1000,
+    max_body_bytes: Annotated[int, typer.Option(help="largest request body, however framed (413 beyond)")] = 1 << 20,
+    max_header_bytes: Annotated[int, typer.Option(help="largest request line + headers (431 beyond)")] = 16 << 10,
+    max_headers: Annotated[int, typer.Option(help="most header lines a request may have (431 beyond)")] = 100,
+    read_timeout: Annotated[float, typer.Option(help="seconds a client has to send a whole request (408 after)"
+                                                )] = 10.0,
+    max_in_flight: Annotated[int, typer.Option(help="requests handled at once per worker (503 + Retry-After "
+                                                    "beyond)")] = 128,
+    graceful_timeout: Annotated[int, typer.Option(help="seconds SIGTERM waits for requests in flight")] = 30,
     access_log: Annotated[bool, typer.Option(help="log each request line")] = False,
 ) -> None:
-    """Serve the HTTP API and the explorer page. A bearer token is required when $PRISMREC_SERVE_TOKEN is set."""
-    import torch
-    import uvicorn
-
-    from prismrec.serving.app import ServerLimits, create_app
+    """Serve the HTTP API, /metrics and the explorer page. A bearer token is required when
+    $PRISMREC_SERVE_TOKEN is set. SIGTERM finishes the requests in flight, refuses new ones and exits."""
+    from prismrec.serving.limits import ServerLimits
+    from prismrec.serving.server import ServeSpec, build_app, run
 
     if index not in ("exact", "faiss"):
         console.print(f"[red]error:[/red] --index must be exact or faiss (got {index!r})")
         raise typer.Exit(2)
-    torch.set_num_threads(max(threads, 1))
-    exports = _load(out_dirs, data_dir, index)
+    limits = {"max_k": max_k, "max_body_bytes": max_body_bytes, "max_header_bytes": max_header_bytes,
+              "max_headers": max_headers, "read_timeout_s": read_timeout, "max_in_flight": max_in_flight}
+    flags = {"max_k": "--max-k", "max_body_bytes": "--max-body-bytes", "max_header_bytes": "--max-header-bytes",
+             "max_headers": "--max-headers", "read_timeout_s": "--read-timeout", "max_in_flight": "--max-in-flight"}
+    bad = [f"{flags[name]} must be positive (got {value})" for name, value in limits.items() if value <= 0]
+    if workers < 1:
+        bad.append(f"--workers must be at least 1 (got {workers})")
+    if graceful_timeout < 0:
+        bad.append(f"--graceful-timeout must be 0 or more (got {graceful_timeout})")
+    if bad:
+        console.print(f"[red]error:[/red] {'; '.join(bad)}")
+        raise typer.Exit(2)
+    ServerLimits(**limits)
+    spec = ServeSpec(exports=[str(d) for d in out_dirs], data_dir=str(data_dir) if data_dir else None, index=index,
+                     threads=threads, limits=limits)
     token = os.environ.get(TOKEN_ENV) or None
     if host not in ("127.0.0.1", "localhost", "::1"):
         console.print(f"[yellow]warning:[/yellow] binding {host}: the API is reachable from other machines"
                       + ("" if token else f"; set {TOKEN_ENV} to require a bearer token"))
-    names = ", ".join(f"{e.name} ({e.manifest['model']}, {e.ranker.mode})" for e in exports)
-    console.print(f"serving {names} on http://{host}:{port}/ (token {'required' if token else 'not required'})")
-    application = create_app(exports, token=token, limits=ServerLimits(max_k=max_k))
-    uvicorn.run(application, host=host, port=port, log_level="warning", access_log=access_log)
+    app = None
+    if workers == 1:
+        from prismrec.serving.export import ExportError
+
+        try:
+            app = build_app(spec)
+        except (ExportError, ConfigError, ValueError) as exc:
+            console.print(f"[red]error:[/red] {exc}")
+            raise typer.Exit(2) from None
+        names = ", ".join(f"{e.name} ({e.manifest['model']}, {e.ranker.mode})"
+                          for e in app.state.prismrec.exports.values())
+    else:  # each worker loads the exports; check them here so a broken one fails before any worker starts
+        from prismrec.serving.export import ExportError, verify_checksums
+
+        try:
+            manifests = [verify_checksums(d) for d in out_dirs]
+        except ExportError as exc:
+            console.print(f"[red]error:[/red] {exc}")
+            raise typer.Exit(2) from None
+        names = ", ".join(f"{d.name} ({m['model']})" for d, m in zip(out_dirs, manifests, strict=True))
+    console.print(f"serving {names} on http://{host}:{port}/ with {workers} worker(s) "
+                  f"(token {'required' if token else 'not required'})")
+    run(spec, host=host, port=port, workers=workers, access_log=access_log, graceful_timeout_s=graceful_timeout,
+        app=app)
 
 
 @commands.command()

@@ -1,4 +1,5 @@
-"""Serving: self-contained exports, fast top-K, the HTTP API with the explorer page, and batch scoring."""
+"""Serving: self-contained (memory-mapped) exports, fast top-K, explanations, the HTTP API with the explorer page,
+its limits, metrics and worker processes, and batch scoring."""
 
 from prismrec.serving.export import Export, ExportError, export_model, export_run, load_export
 from prismrec.serving.inference import Ranker, TopK

@@ -13,10 +13,17 @@ set):
   a user's history (most recent first), the held-out test item, and the model's top-k on the history
   before it (hits marked);
 * ``GET /images/{path}``: a poster, only one that an export names, only from inside the dataset root;
+* ``GET /metrics``: Prometheus metrics (:mod:`prismrec.serving.metrics`);
 * ``GET /``: the explorer page (plain HTML + JavaScript shipped in the package; no CDN).
 
-Bounds: request body size, history and candidate list lengths and ``k`` are limited
-(:class:`ServerLimits`); breaking one gives a 4xx answer that says which bound.
+``"explain": true`` in ``POST /recommend`` (or ``?explain=true`` on a user's recommendations) adds to
+each item the history items that contributed most to its score, why, and the derived descriptions
+(:mod:`prismrec.serving.explain`).
+
+Bounds: request body size however it is framed, header size and count, requests in flight, history and
+candidate list lengths and ``k`` are limited (:class:`ServerLimits`, enforced by
+:class:`~prismrec.serving.limits.RequestGuard`); breaking one gives a 4xx (or 503) answer that says which
+bound. Slow clients and endless heads are cut by the protocol layer (:mod:`prismrec.serving.server`).
 """
 
 from __future__ import annotations
@@ -35,21 +42,18 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 
 from prismrec.data.errors import DataError
 from prismrec.data.paths import safe_join
+from prismrec.serving.explain import Contribution, explain, reason
 from prismrec.serving.export import Export
 from prismrec.serving.inference import MicroBatcher
+from prismrec.serving.limits import MODEL_SCOPE_KEY, RequestGuard, ServerLimits
+from prismrec.serving.metrics import server_metrics
 
 STATIC = Path(__file__).resolve().parent / "static"
 ItemId = StrictStr | StrictInt
 ROUTES = ("textual", "visual", "hybrid")
 
 
-@dataclass(frozen=True)
-class ServerLimits:
-    max_body_bytes: int = 1 << 20
-    max_history: int = 5000
-    max_candidates: int = 10000
-    max_k: int = 1000
-    max_search_results: int = 100
+__all__ = ["RecommendRequest", "ServerLimits", "create_app"]
 
 
 class RecommendRequest(BaseModel):
@@ -59,6 +63,21 @@ class RecommendRequest(BaseModel):
     exclude_seen: bool = Field(True, description="never recommend an item of the history")
     candidates: list[ItemId] | None = Field(None, description="rank only these items (external ids)")
     model: str | None = Field(None, description="export name (default: the first one served)")
+    explain: bool = Field(False, description="name the history items behind each recommended item, and why")
+    explain_top: int = Field(3, ge=1, le=20, description="history items named per recommended item")
+
+
+class HistoryReason(BaseModel):
+    item_id: str
+    title: str
+    position: int = Field(..., description="index of the item in the request's history")
+    score_drop: float = Field(..., description="score(history) - score(history without this item)")
+    attention: float | None = None
+    cross_attention: dict[str, float] | None = None
+    similarity: dict[str, float] | None = None
+    reason: str
+    description: dict[str, str | None] | None = None
+    image_url: str | None = None
 
 
 class ScoredItem(BaseModel):
@@ -66,6 +85,8 @@ class ScoredItem(BaseModel):
     title: str
     score: float
     image_url: str | None = None
+    description: dict[str, str | None] | None = None
+    because: list[HistoryReason] | None = None
 
 
 class RecommendResponse(BaseModel):
@@ -92,6 +113,26 @@ class ServerState:
         if name not in self.exports:
             raise HTTPException(404, f"unknown model {name!r}; served: {', '.join(self.exports)}")
         return self.exports[name]
+
+    def description(self, export: Export, external_id: str) -> dict[str, str | None] | None:
+        """The derived descriptions of an item: from ``export`` if it has them, else any served export's."""
+        for candidate in (export, *self.exports.values()):
+            record = candidate.descriptions.get(external_id)
+            if record is not None:
+                return {route: record.get(route) for route in ROUTES}
+        return None
+
+    def reasons(self, export: Export, named: list[Contribution], positions: list[int]) -> list[HistoryReason]:
+        """API form of an item's contributions; ``positions`` maps internal history positions to the request's."""
+        out = []
+        for c in named:
+            external = export.external(c.item)
+            out.append(HistoryReason(item_id=external, title=export.title(c.item), position=positions[c.position],
+                                     score_drop=c.score_drop, attention=c.attention, cross_attention=c.cross_attention,
+                                     similarity=c.similarity, reason=reason(c),
+                                     description=self.description(export, external),
+                                     image_url=image_url(export, c.item)))
+        return out
 
 
 def image_url(export: Export, internal: int) -> str | None:
@@ -143,16 +184,8 @@ def create_app(exports: list[Export], token: str | None = None, limits: ServerLi
 
     guarded = [Depends(require_token)]
 
-    @app.middleware("http")
-    async def limit_body(request: Request, call_next):  # type: ignore[no-untyped-def]
-        length = request.headers.get("content-length")
-        if length is not None:
-            if not length.isdigit():
-                return JSONResponse({"detail": "invalid Content-Length header"}, status_code=400)
-            if int(length) > limits.max_body_bytes:
-                return JSONResponse({"detail": f"request body of {length} bytes exceeds the limit of "
-                                               f"{limits.max_body_bytes} bytes"}, status_code=413)
-        return await call_next(request)
+    app.add_middleware(RequestGuard, limits=limits)  # type: ignore[arg-type]
+    metrics = server_metrics()
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -180,18 +213,32 @@ def create_app(exports: list[Export], token: str | None = None, limits: ServerLi
     batchers = {name: MicroBatcher(export.ranker) for name, export in named.items()}
     app.state.batchers = batchers
 
+    @app.get("/metrics", dependencies=guarded)
+    def prometheus_metrics() -> Response:
+        body, content_type = metrics.render()
+        return Response(body, media_type=content_type)
+
+    def check_explain_k(k: int) -> None:
+        if k > limits.max_explained_items:
+            raise HTTPException(422, f"explanations are given for at most {limits.max_explained_items} items "
+                                     f"(k = {k}); lower k or drop explain")
+
     @app.post("/recommend", dependencies=guarded)
-    async def recommend(request: RecommendRequest) -> RecommendResponse:
+    async def recommend(request: RecommendRequest, http: Request) -> RecommendResponse:
         export = state.export(request.model)
+        http.scope[MODEL_SCOPE_KEY] = export.name
         _bounded("history", request.history, limits.max_history)
         _bounded("candidates", request.candidates, limits.max_candidates)
         if not 1 <= request.k <= limits.max_k:
             raise HTTPException(422, f"k must be between 1 and {limits.max_k} (got {request.k})")
+        if request.explain:
+            check_explain_k(request.k)
         if not request.history:
             raise HTTPException(422, "history is empty: give at least one item id the user interacted with")
         known = [export.item_index.get(str(i)) for i in request.history]
         unknown = [str(i) for i, k in zip(request.history, known, strict=True) if k is None]
         history = np.array([k for k in known if k is not None], dtype=np.int64)
+        positions = [p for p, k in enumerate(known) if k is not None]  # internal position -> request position
         if not len(history):
             raise HTTPException(422, f"none of the history's {len(unknown)} item id(s) is known to model "
                                      f"{export.name!r} (e.g. {unknown[:5]})")
@@ -207,6 +254,12 @@ def create_app(exports: list[Export], token: str | None = None, limits: ServerLi
         top = await batchers[export.name].submit(history, request.k, request.exclude_seen, candidates)
         items = [ScoredItem(item_id=export.external(int(i)), title=export.title(int(i)), score=float(s),
                             image_url=image_url(export, int(i))) for i, s in zip(top.items, top.scores, strict=True)]
+        if request.explain:
+            named = await batchers[export.name].run(explain, export.ranker, history, top.items,
+                                                    request.explain_top, export.ranker.tables)
+            for item, contributions in zip(items, named, strict=True):
+                item.description = state.description(export, item.item_id)
+                item.because = state.reasons(export, contributions, positions)
         return RecommendResponse(model=export.name, items=items, unknown_items=unknown,
                                  unknown_candidates=unknown_candidates)
 
@@ -271,11 +324,15 @@ def create_app(exports: list[Export], token: str | None = None, limits: ServerLi
                 "history": [item_summary(export, int(i)) for i in shown[::-1]]}
 
     @app.get("/users/{user_id}/recommendations", dependencies=guarded)
-    def user_recommendations(user_id: str, model: str | None = None,
-                             k: Annotated[int, Query(ge=1)] = 10) -> dict[str, Any]:
+    def user_recommendations(user_id: str, http: Request, model: str | None = None,
+                             k: Annotated[int, Query(ge=1)] = 10, explain_items: bool = Query(False, alias="explain")
+                             ) -> dict[str, Any]:
         export = state.export(model)
+        http.scope[MODEL_SCOPE_KEY] = export.name
         if k > limits.max_k:
             raise HTTPException(422, f"k must be between 1 and {limits.max_k} (got {k})")
+        if explain_items:
+            check_explain_k(k)
         history = _user(export, user_id)
         has_test = len(history) >= 3
         inputs = history[:-1] if has_test else history
@@ -283,6 +340,13 @@ def create_app(exports: list[Export], token: str | None = None, limits: ServerLi
         top = export.ranker.top_k([inputs], k, exclude_seen=True)[0]
         items = [{**item_summary(export, int(i)), "score": float(s), "hit": test is not None and int(i) == test}
                  for i, s in zip(top.items, top.scores, strict=True)]
+        if explain_items:
+            named = explain(export.ranker, inputs, top.items, 3, export.ranker.tables)
+            # positions index the history as /users/{id} lists it: most recent first, test item left out
+            newest_first = list(range(len(inputs) - 1, -1, -1))
+            for item, contributions in zip(items, named, strict=True):
+                item["description"] = state.description(export, item["item_id"])
+                item["because"] = [r.model_dump() for r in state.reasons(export, contributions, newest_first)]
         hit_rank = next((r + 1 for r, it in enumerate(items) if it["hit"]), None)
         return {"model": export.name, "model_type": export.manifest["model"], "user_id": user_id,
                 "test_item": item_summary(export, test) if test is not None else None, "items": items,

@@ -20,6 +20,8 @@ hundred thousand items exact search is as fast and has no recall loss.
 
 from __future__ import annotations
 
+import math
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -31,6 +33,41 @@ from prismrec.evaluation.evaluators import pad_left
 from prismrec.models.base import Recommender, SequentialRecommender
 
 IndexKind = Literal["exact", "faiss"]
+
+
+def last_hidden(backbone: torch.nn.Module, item_vectors: torch.Tensor, padding: torch.Tensor) -> torch.Tensor:
+    """``backbone(item_vectors, padding)[:, -1]``: the last position's output, all a ranker needs.
+
+    For SASRec's encoder in eval mode the last block runs for the last position only (its keys and values
+    still cover every position): the query projection, output projection, feed-forward and norms of the
+    other positions are skipped, about a third of the encoder's work at two blocks. Other backbones (and
+    training mode) run whole. Same numbers up to float rounding (``Ranker.build`` checks every export).
+    """
+    from prismrec.models.backbones.layers import self_attention_mask
+    from prismrec.models.backbones.sasrec import SASRecEncoder
+
+    if type(backbone) is not SASRecEncoder or backbone.training:
+        return backbone(item_vectors, padding)[:, -1]
+    length = item_vectors.shape[1]
+    keep = (~padding).unsqueeze(-1).to(item_vectors.dtype)
+    positions = torch.arange(length, device=item_vectors.device)
+    x = (item_vectors * math.sqrt(backbone.hidden_size) + backbone.positions(positions)[None]) * keep
+    mask = self_attention_mask(padding, causal=backbone.causal)
+    blocks = list(backbone.blocks)
+    for block in blocks[:-1]:
+        x = block(x, mask, keep)
+    last = blocks[-1]
+    q = last.attn_norm(x[:, -1:])
+    h = q + last.attn(q, x, mask[:, :, -1:, :])
+    h = last.ffn(last.ffn_norm(h)) * keep[:, -1:]
+    return backbone.final_norm(h)[:, 0]
+
+
+def _sasrec_user_vectors(model: SequentialRecommender) -> Callable[[torch.Tensor], torch.Tensor]:
+    def user_vectors(inputs: torch.Tensor) -> torch.Tensor:
+        return last_hidden(model.backbone, model.item_encoder(inputs), inputs == 0)
+
+    return user_vectors
 
 
 def _dmesr_parts(model: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -65,12 +102,12 @@ def _dmesr_user_vectors(model: Any, coarse: torch.Tensor, fine: torch.Tensor | N
         padding = inputs == 0
         coarse_seq = coarse[inputs]
         if fine is None:
-            return model.backbone(coarse_seq, padding)[:, -1]
+            return last_hidden(model.backbone, coarse_seq, padding)
         fine_seq = fine[inputs]
         if not model.config.without_cross_attention:
             coarse_seq, fine_seq = model.cross_attention(coarse_seq, fine_seq, padding)
         batch = inputs.shape[0]
-        hidden = model.backbone(torch.cat([coarse_seq, fine_seq]), padding.repeat(2, 1))[:, -1]
+        hidden = last_hidden(model.backbone, torch.cat([coarse_seq, fine_seq]), padding.repeat(2, 1))
         return torch.cat([hidden[:batch], hidden[batch:]], dim=-1)
 
     return user_vectors
@@ -96,6 +133,10 @@ class Ranker:
         self.item_matrix = self.item_matrix_t.T if self.item_matrix_t is not None else None
         self.n_items = int(item_matrix.shape[0] - 1) if item_matrix is not None else None
         self.index_kind: IndexKind = index
+        self.tables: dict[str, torch.Tensor] = {}  # the export's item tables (DMESR: coarse, fine, scoring)
+        # One ranking at a time on this model: explanations add forward hooks, which must not appear or
+        # vanish while another thread runs the same modules.
+        self.lock = threading.RLock()
         self.faiss_index = None
         if index == "faiss":
             if item_matrix is None:
@@ -116,12 +157,16 @@ class Ranker:
         matrix = tables.get("scoring")
         if isinstance(model, DMESR) and "coarse" in tables and matrix is not None:
             user_vectors = _dmesr_user_vectors(model, tables["coarse"], tables.get("fine"))
+        elif (isinstance(model, SequentialRecommender) and matrix is not None
+              and type(model).user_vectors is SequentialRecommender.user_vectors):
+            user_vectors = _sasrec_user_vectors(model)
         elif isinstance(model, SequentialRecommender | EnhancedRecommender) and matrix is not None:
             user_vectors = model.user_vectors
         ranker = cls(model, user_vectors, matrix if user_vectors is not None else None, index=index)
         if user_vectors is not None and not ranker.agrees_with_model():
             # The stored form does not reproduce the model's own scores: fall back to model.score.
-            return cls(model, None, None)
+            ranker = cls(model, None, None)
+        ranker.tables = dict(tables)
         return ranker
 
     @torch.inference_mode()
@@ -155,6 +200,11 @@ class Ranker:
         ``exclude_seen``: one flag for all histories or one per history. ``candidates``: per history, the
         only internal ids that may be returned (None in a row: every item).
         """
+        with self.lock:
+            return self._top_k(histories, k, exclude_seen, candidates)
+
+    def _top_k(self, histories: list[np.ndarray], k: int, exclude_seen: bool | list[bool],
+               candidates: list[np.ndarray | None] | None) -> list[TopK]:
         flags = [exclude_seen] * len(histories) if isinstance(exclude_seen, bool) else list(exclude_seen)
         inputs = self.inputs(histories)
         restricted = candidates is not None and any(c is not None for c in candidates)
@@ -217,11 +267,22 @@ class MicroBatcher:
     """
 
     def __init__(self, ranker: Ranker, max_batch: int = 64) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
         self.ranker = ranker
         self.max_batch = max_batch
         self._queue: Any = None
         self._task: Any = None
         self.largest_batch = 0  # observability: how much batching the load produced
+        # One dedicated thread ranks (and explains) for this export: the default pool would spread the work over
+        # up to cpu + 4 threads, each with its own malloc arena, and the server's RSS would grow with each.
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prismrec-rank")
+
+    async def run(self, function: Callable[..., Any], *args: Any) -> Any:
+        """Run ``function(*args)`` on this export's ranking thread."""
+        import asyncio
+
+        return await asyncio.get_running_loop().run_in_executor(self.executor, function, *args)
 
     async def submit(self, history: np.ndarray, k: int, exclude_seen: bool,
                      candidates: np.ndarray | None = None) -> TopK:
@@ -235,14 +296,13 @@ class MicroBatcher:
         return await future
 
     async def _consume(self) -> None:
-        import asyncio
 
         while True:
             batch = [await self._queue.get()]
             while len(batch) < self.max_batch and not self._queue.empty():
                 batch.append(self._queue.get_nowait())
             try:
-                results = await asyncio.to_thread(self._rank, batch)
+                results = await self.run(self._rank, batch)
             except Exception as exc:  # every waiting request gets the error, the consumer lives on
                 for *_, future in batch:
                     if not future.done():

@@ -114,12 +114,23 @@ async function showItem(itemId) {
 }
 
 // ---- users ---------------------------------------------------------------------------------------
+// Why an item is recommended: the history items whose removal lowers its score most (API "because").
+function explanation(item) {
+  if (!item.because || !item.because.length) return null;
+  const reasons = item.because.map((b) => el("div", { class: "reason", "data-because": b.item_id },
+    el("span", { class: "title", text: b.title }),
+    el("span", { class: "muted", text: " (history #" + (b.position + 1) + "): " + b.reason }),
+    b.description && (b.description.textual || b.description.hybrid) ?
+      el("p", { class: "desc", text: b.description.textual || b.description.hybrid }) : null));
+  return el("details", { class: "why" }, el("summary", { text: "why: " + item.because[0].title }), ...reasons);
+}
+
 function recommendationColumn(data) {
   const list = el("ol", { class: "recs" });
   for (const item of data.items) {
     list.append(el("li", { class: item.hit ? "hit" : "", "data-item": item.item_id }, poster(item),
       el("span", { text: item.title }), item.hit ? el("span", { class: "badge", text: "HIT" }) : null,
-      el("span", { class: "score", text: item.score.toFixed(3) })));
+      el("span", { class: "score", text: item.score.toFixed(3) }), explanation(item)));
   }
   const verdict = data.hit_rank ? "test item at rank " + data.hit_rank : "test item not in the top " +
     data.items.length;
@@ -134,7 +145,8 @@ async function showUser(userId) {
   const chosen = [document.getElementById("model-a").value, document.getElementById("model-b").value];
   const models = [...new Set(chosen.filter(Boolean))];
   const columns = await Promise.all(models.map((m) =>
-    api("/users/" + encodeURIComponent(userId) + "/recommendations?k=10&model=" + encodeURIComponent(m))));
+    api("/users/" + encodeURIComponent(userId) + "/recommendations?k=10&explain=true&model=" +
+      encodeURIComponent(m))));
   const strip = el("div", { class: "strip", id: "history" });
   const fill = (items) => strip.replaceChildren(...items.map((item) => card(item)));
   fill(user.history.slice(0, HISTORY_SHOWN));

@@ -25,6 +25,7 @@ from prismrec.experiments.tuning.study import (
     WorkerJob,
     create_or_check_study,
     display_url,
+    fail_orphans,
     open_storage,
     run_worker,
 )
@@ -296,6 +297,50 @@ def test_grid_points_run_once_each_with_the_mean_over_seeds_as_objective(tiny, t
     other = _space(tmp_path, Path(space_path).read_text().replace("0.3]", "0.4]"), "grid2")
     with pytest.raises(ConfigError, match="another run config or space"):
         create_or_check_study(open_storage(url, 2), "grid", load_space(other, config))
+
+
+def test_full_mode_reports_the_full_ranking_validation_curve(tiny, tmp_path, monkeypatch):
+    monkeypatch.setenv("PRISMREC_HOME", str(tmp_path / "home"))
+    space_path = _space(tmp_path, """
+        [study]
+        mode = "full"
+        metric = "hit@10"
+        trials = 1
+        overrides = ["training.max_epochs=3"]
+        [sampler]
+        kind = "random"
+        [params."training.lr"]
+        type = "float"
+        low = 0.005
+        high = 0.02
+        """, "full")
+    config, overrides = tiny / "tiny.toml", ["evaluation.full_ranking=true"]
+    url = f"sqlite:///{tmp_path / 'full.db'}"
+    study = create_or_check_study(open_storage(url, 2), "full", load_space(space_path, config, overrides))
+    run_worker(WorkerJob(str(config), str(space_path), overrides, "full", url, 1, heartbeat=2))
+    (trial,) = study.get_trials()
+    run_dir = Path(trial.user_attrs["run_dirs"][0])
+    final = json.loads((run_dir / "final.json").read_text())
+    assert trial.value == final["metrics"]["valid/full"]["hit@10"] != final["metrics"]["valid/sampled"]["hit@10"]
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    sampled_curve = [json.loads(line)["valid"]["hit@10"] for line in lines]
+    assert sorted(trial.intermediate_values) == [1, 2, 3]
+    assert list(trial.intermediate_values.values()) != sampled_curve  # the curve is full ranking's, not sampled's
+    assert trial.intermediate_values[final["best_epoch"]] == trial.value
+
+
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed to be used")
+def test_a_trial_killed_before_its_first_heartbeat_is_failed_too(tiny, tmp_path):
+    space = load_space(_space(tmp_path, LR_SPACE, "orphan"), tiny / "tiny.toml")
+    study = create_or_check_study(open_storage(f"sqlite:///{tmp_path / 'orphan.db'}", 1), "orphan", space)
+    orphan = study.ask()  # created RUNNING; no heartbeat, no objective: what a kill right after creating leaves
+    alive = study.ask()
+    alive.set_user_attr("pid", os.getpid())  # its objective started: heartbeats are the judge of it
+    time.sleep(0.3)
+    assert fail_orphans(study, grace=0.1) == [orphan.number]
+    states = {t.number: t.state for t in study.get_trials()}
+    assert states == {orphan.number: TrialState.FAIL, alive.number: TrialState.RUNNING}
+    assert fail_orphans(study, grace=0.1) == []
 
 
 def test_sigkill_mid_trial_then_tune_again_completes_the_study_and_runs_no_trial_twice(tiny, tmp_path, monkeypatch):

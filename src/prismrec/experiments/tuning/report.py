@@ -134,6 +134,7 @@ def write_figure(space: TuneSpace, rows: list[dict[str, Any]], path: Path, title
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     names = list(space.params)
     columns = min(3, max(1, len(names)))
@@ -156,6 +157,7 @@ def write_figure(space: TuneSpace, rows: list[dict[str, Any]], path: Path, title
         history.step(xs, ys, where="post", color="tab:red", label="best so far")
     metric = f"valid {space.study.mode} {space.study.metric}"
     history.set(title=title, xlabel="trial", ylabel=metric)
+    history.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     history.legend(loc="lower right", fontsize=8)
     for i, name in enumerate(names):
         ax = fig.add_subplot(grid[1 + i // columns, i % columns])

@@ -98,7 +98,7 @@ def tune(config: Path | None, space_path: Path, overrides: list[str] | None = No
     url = storage or default_storage(name)
     shown = display_url(url)
     opened = open_storage(url, heartbeat)
-    optuna_study = create_or_check_study(opened, name, space)
+    optuna_study = create_or_check_study(opened, name, space, split.dataset.fingerprint)
     counts = count_trials(optuna_study)
     seen = {t.number for t in optuna_study.get_trials(deepcopy=False) if t.state.is_finished()}
     codes: list[int] = []

@@ -285,7 +285,11 @@ class TuneSpace:
         """What a study's trials must share to be compared: recorded in the study, checked when it reopens."""
         space = {"settings": self.settings.model_dump(mode="json", exclude={"study": {"trials"}}),
                  "params": {k: v.model_dump(mode="json") for k, v in sorted(self.params.items())}}
-        return {"base_settings_hash": self.base().settings_hash(),
+        resolved = self.base().to_dict()
+        del resolved["name"]
+        resolved["data"].pop("data_dir", None)  # machines sharing a study may keep the data in other places
+        return {"base_settings_hash": hashlib.sha256(json.dumps(resolved, sort_keys=True, default=str).encode())
+                .hexdigest()[:16],
                 "space_hash": hashlib.sha256(json.dumps(space, sort_keys=True).encode()).hexdigest()[:16],
                 "metric": self.study.metric, "mode": self.study.mode, "seeds": list(self.seeds)}
 

@@ -111,18 +111,44 @@ def count_trials(study: optuna.Study) -> Counts:
     return counts
 
 
-def create_or_check_study(storage: optuna.storages.BaseStorage, name: str, space: TuneSpace) -> optuna.Study:
-    """The study ``name`` (created when new); one created from another config or space is refused, so a study
-    never mixes trials of different objectives."""
+def fail_orphans(study: optuna.Study, grace: float) -> list[int]:
+    """Mark failed (and requeue) the running trials whose objective never started ``2 x grace`` seconds after
+    the trial was created: a worker killed between creating a trial and its first heartbeat leaves one that the
+    heartbeat check never sees (it has no heartbeat to go stale). A live trial records its ``pid`` at once."""
+    import datetime
+
+    import optuna
+    from optuna.trial import TrialState
+
+    now = datetime.datetime.now()
+    failed = []
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        started = trial.datetime_start
+        if "pid" in trial.user_attrs or started is None or (now - started).total_seconds() < 2 * grace:
+            continue
+        try:
+            if not study._storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL):
+                continue
+        except optuna.exceptions.UpdateFinishedTrialError:
+            continue  # another worker got there first
+        requeue_stale(study, trial)
+        failed.append(trial.number)
+    return failed
+
+
+def create_or_check_study(storage: optuna.storages.BaseStorage, name: str, space: TuneSpace,
+                          data_fingerprint: str | None = None) -> optuna.Study:
+    """The study ``name`` (created when new); one created from another config, space or data is refused, so a
+    study never mixes trials of different objectives."""
     import optuna
 
     study = optuna.create_study(study_name=name, storage=storage, direction="maximize", load_if_exists=True)
-    wanted = space.fingerprint()
+    wanted = {**space.fingerprint(), "data_fingerprint": data_fingerprint}
     recorded = study.user_attrs.get(STUDY_ATTR)
     if recorded is None:
         study.set_user_attr(STUDY_ATTR, {**wanted, "config": str(space.base_config), "space": str(space.path)})
     else:
-        differs = [k for k in wanted if recorded.get(k) != wanted[k]]
+        differs = [k for k, v in wanted.items() if v is not None and recorded.get(k) not in (None, v)]
         if differs:
             raise ConfigError(f"study {name!r} was created from another run config or space file ({', '.join(differs)} "
                               f"differ; it came from {recorded.get('config')} and {recorded.get('space')}): "
@@ -179,7 +205,6 @@ class WorkerJob:
     heartbeat: int = DEFAULT_HEARTBEAT
     index: int = 0
     threads: int | None = None
-    home: str | None = None
 
     def runs_root(self) -> Path:
         return output_dir("runs") / f"tune-{self.study}"
@@ -225,6 +250,7 @@ def run_worker(job: WorkerJob, poll_seconds: float | None = None) -> WorkerSumma
     while True:
         with lock.held():
             optuna.storages.fail_stale_trials(study)
+            fail_orphans(study, 3 * job.heartbeat)
             counts = count_trials(study)
             if counts.finished >= job.trials:
                 break

@@ -177,6 +177,23 @@ def test_shipped_space_files_check_against_their_run_configs():
     assert alpha.config_for({"model.alpha": 0.5}, 43).model.alpha == 0.5  # type: ignore[attr-defined]
 
 
+def test_every_sampler_and_pruner_kind_builds_what_it_names(tiny, tmp_path):
+    built = {}
+    for sampler, pruner in (("tpe", "hyperband"), ("random", "median"), ("grid", "none")):
+        body = LR_SPACE.replace('kind = "random"', f'kind = "{sampler}"').replace('kind = "none"', f'kind = "{pruner}"')
+        if sampler == "grid":
+            body = body.replace("log = true", "step = 0.009").replace("trials = 4", "trials = 8")
+        space = load_space(_space(tmp_path, body, sampler), tiny / "tiny.toml")
+        built[sampler] = space.settings.sampler.build(space.params, 0)
+        built[pruner] = space.settings.pruner.build(max_epochs=6)
+    assert isinstance(built["tpe"], optuna.samplers.TPESampler)
+    assert isinstance(built["random"], optuna.samplers.RandomSampler)
+    assert isinstance(built["grid"], optuna.samplers.GridSampler)
+    assert isinstance(built["hyperband"], optuna.pruners.HyperbandPruner)
+    assert isinstance(built["median"], optuna.pruners.MedianPruner)
+    assert isinstance(built["none"], optuna.pruners.NopPruner)
+
+
 def test_storage_urls_are_shown_without_their_password():
     shown = display_url("postgresql+psycopg2://tuner:s3cret@db.example:5432/optuna")
     assert "s3cret" not in shown and "tuner" in shown and "db.example" in shown

@@ -117,7 +117,7 @@ def test_cli_is_one_package_assembled_by_its_app_module() -> None:
     graph = import_graph()
     commands = {name for name in graph if name.startswith("prismrec.cli.")} - {"prismrec.cli.app"}
     assert {"prismrec.cli.data", "prismrec.cli.semantics", "prismrec.cli.train", "prismrec.cli.experiments",
-            "prismrec.cli.serving", "prismrec.cli.llmrec", "prismrec.cli.report"} <= commands
+            "prismrec.cli.serving", "prismrec.cli.llmrec", "prismrec.cli.report", "prismrec.cli.tune"} <= commands
     for name in commands | {"prismrec.cli"}:
         assert "prismrec.cli.app" not in graph[name], f"{name} imports the app back"
     assert commands - {"prismrec.cli.common"} <= graph["prismrec.cli.app"]
@@ -151,6 +151,6 @@ def test_every_command_is_still_there() -> None:
     found = {" ".join(path) for path in paths(typer.main.get_command(app))}
     assert found == {
         "data stats", "data download", "data fetch-images", "derive", "semantics status", "semantics show",
-        "train", "evaluate", "compare", "reproduce", "export", "serve", "recommend",
+        "train", "evaluate", "compare", "reproduce", "tune", "export", "serve", "recommend",
         "mllm-msr train", "mllm-msr evaluate", "speeder train",
     }

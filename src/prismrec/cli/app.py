@@ -8,6 +8,7 @@ from here; this module puts them together, in the order of the data's journey:
 * ``train``, ``evaluate``: :mod:`prismrec.cli.train` over :mod:`prismrec.training`;
 * ``compare``: :mod:`prismrec.cli.report` (finished run directories side by side);
 * ``reproduce``: :mod:`prismrec.cli.experiments` over :mod:`prismrec.experiments`;
+* ``tune``: :mod:`prismrec.cli.tune` over :mod:`prismrec.experiments.tuning` (Optuna, imported lazily);
 * ``export``, ``serve``, ``recommend``: :mod:`prismrec.cli.serving` over :mod:`prismrec.serving`;
 * ``mllm-msr train|evaluate``, ``speeder train``: :mod:`prismrec.cli.llmrec` over :mod:`prismrec.llmrec`.
 
@@ -18,7 +19,7 @@ from __future__ import annotations
 
 import typer
 
-from prismrec.cli import data, experiments, llmrec, report, semantics, serving, train
+from prismrec.cli import data, experiments, llmrec, report, semantics, serving, train, tune
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="prismrec: MLLM-enhanced sequential recommendation")
 app.add_typer(data.data_app, name="data")
@@ -27,6 +28,7 @@ app.add_typer(semantics.semantics_app, name="semantics")
 app.add_typer(train.commands)  # train, evaluate
 app.add_typer(report.commands)  # compare
 app.add_typer(experiments.commands)  # reproduce
+app.add_typer(tune.commands)  # tune
 app.add_typer(serving.commands)  # export, serve, recommend
 app.add_typer(llmrec.mllm_msr_app, name="mllm-msr")
 app.add_typer(llmrec.speeder_app, name="speeder")

@@ -6,6 +6,10 @@ Every epoch also leaves ``last.safetensors`` (model, optimizer, random states, e
 --resume RUN_DIR``) continues a killed run and ends exactly where the uninterrupted run would have.
 Under ``torchrun`` the same loop runs data parallel (:mod:`prismrec.training.distributed`).
 
+``epoch_callback(epoch, record)`` is called after every epoch, once its record (loss, and ``valid`` on evaluation
+epochs) is logged and checkpointed; an exception it raises (``prismrec tune``'s pruning raises
+``optuna.TrialPruned``) ends ``fit`` there, leaving a run directory that ``--resume`` can continue.
+
 Reproducibility: every random draw comes from generators seeded by ``config.seed`` (and saved in
 checkpoints), so the same seed and config on the same machine give the same run. Bit-identical results are
 guaranteed with ``training.num_threads = 1`` (what the determinism and resume tests use); with several CPU
@@ -19,6 +23,7 @@ import contextlib
 import json
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,6 +52,8 @@ from prismrec.training.distributed import DistributedContext, wrap_for_training
 from prismrec.training.runs import new_run_dir, write_json, write_run_header
 
 console = Console()
+
+EpochCallback = Callable[[int, dict[str, Any]], None]
 
 BEST_CHECKPOINT = "model.safetensors"
 LAST_CHECKPOINT = "last.safetensors"
@@ -147,8 +154,9 @@ class Trainer:
     """
 
     def __init__(self, config: RunConfig, split: LeaveOneOutSplit | None = None, run_dir: Path | None = None,
-                 quiet: bool = False, resume: bool = False) -> None:
+                 quiet: bool = False, resume: bool = False, epoch_callback: EpochCallback | None = None) -> None:
         self.config = config
+        self.epoch_callback = epoch_callback
         self.dist = DistributedContext.from_env(config.training.device)
         self.device = self.dist.device(config.training.device)
         if config.training.num_threads:
@@ -326,6 +334,8 @@ class Trainer:
                     progress.update(task, advance=1, status=f"loss {loss:.4f}  valid {metric} "
                                     f"{record.get('valid', {}).get(metric, float('nan')):.4f}  best "
                                     f"{stopping.best_value:.4f} @{stopping.best_epoch}")
+                    if self.epoch_callback is not None:
+                        self.epoch_callback(epoch, record)
             if best_state is None:
                 raise RuntimeError("training ended without a validated checkpoint")
             self.model.load_state_dict(best_state)

@@ -55,12 +55,14 @@ def n_items_for(n_interactions: int) -> int:
 
 
 def item_table(n_items: int) -> dict[str, list[str]]:
-    """Item ``i``'s id and text depend on ``i`` alone (nested catalogues across sizes)."""
+    """Item ``i``'s id and text depend on ``i`` alone (nested catalogues across sizes): the first ``n_items``
+    rows of one seeded table of the largest catalogue (or of ``n_items`` rows beyond it)."""
     rng = np.random.default_rng(7)
-    w = rng.integers(0, len(WORDS), size=(n_items, 2))
-    n = rng.integers(0, len(NOUNS), size=n_items)
-    c = rng.integers(0, len(CATEGORIES), size=n_items)
-    price = rng.integers(3, 400, size=n_items)
+    rows = max(n_items, n_items_for(max(SIZES.values())))
+    w = rng.integers(0, len(WORDS), size=(rows, 2))[:n_items]
+    n = rng.integers(0, len(NOUNS), size=rows)[:n_items]
+    c = rng.integers(0, len(CATEGORIES), size=rows)[:n_items]
+    price = rng.integers(3, 400, size=rows)[:n_items]
     return {
         "item": [f"i{i}" for i in range(n_items)],
         "title": [f"{WORDS[a]} {WORDS[b]} {NOUNS[k]} {i}" for i, (a, b), k in zip(range(n_items), w, n, strict=True)],

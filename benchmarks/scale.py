@@ -12,9 +12,11 @@ attributes, there are no images) over the largest catalogue; every smaller size 
 Per size, in its own process (a failed size costs only itself; finished sizes are kept in
 ``benchmarks/results/scale_parts/`` and skipped on a rerun unless ``--force``): load the data (load s), build
 the trainer (model, semantics, the sampled protocol's negatives: setup s), one training epoch per model
-(SASRec hidden 64, max_len 50, batch 1024, BCE; DMESR the same backbone), then the test stage evaluated with
-the sampled protocol (every user) and bounded full ranking (a seeded sample of 50,000 users over the whole
-catalogue, streamed in chunks): eval s. Peak RSS is the size's process high-water mark.
+(SASRec hidden 64, max_len 50, batch 1024, BCE; DMESR the same backbone; ``--max-batches dmesr@10m=N`` times
+only the first N batches and scales to the epoch, for a machine too slow for the whole), then the test stage
+evaluated on the bounded full-ranking user sample (every user up to 50,000, else a seeded 50,000): the sampled
+protocol and full ranking over the whole catalogue, streamed in chunks (eval s). Peak RSS is the size's
+process high-water mark.
 
     flock /tmp/prismrec-bench.lock .venv/bin/python benchmarks/scale.py                  # 1m,3m,10m
     .venv/bin/python benchmarks/scale.py --sizes 1m --out scale_dev                        # quick check
@@ -130,15 +132,13 @@ def peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2  # Linux: KiB
 
 
-def run_size(size: str, work: Path, semantics: str, models: list[str], threads: int) -> dict[str, Any]:
+def run_size(size: str, work: Path, semantics: str, models: list[str], threads: int,
+             max_batches: dict[str, int]) -> dict[str, Any]:
     """One size, in this process: generate (if needed), load, one epoch and the test evaluation per model."""
     import torch
 
-    from prismrec.config import RunConfig
     from prismrec.data.loaders import load_sequences
     from prismrec.data.split import LeaveOneOutSplit
-    from prismrec.models import MODELS
-    from prismrec.training.trainer import Trainer, TrainingLoss
 
     torch.set_num_threads(threads)
     n = SIZES[size]
@@ -163,44 +163,81 @@ def run_size(size: str, work: Path, semantics: str, models: list[str], threads: 
                       "dmesr": {"name": "dmesr", "backbone": "sasrec", "semantics": semantics, "id_embedding": True,
                                 "cross_attention_residual": True, **backbone}}
     for name in models:
-        section = dict(model_sections[name])
-        config = RunConfig.model_validate({
-            "name": f"scale-{size}-{name}", "seed": 42,
-            "data": {"dataset": "generic", "data_dir": str(data_dir), "folder": folder, "options": options},
-            "model": MODELS.get(name).Config.model_validate(section),
-            "training": {"batch_size": 1024, "max_epochs": 1, "loss": "bce", "num_threads": threads},
-            "evaluation": {"batch_size": 1024},
-        })
-        t0 = time.perf_counter()
-        trainer = Trainer(config, split=split, run_dir=work / "runs" / config.name, quiet=True)
-        setup_s = time.perf_counter() - t0
-        optimizer = torch.optim.Adam(trainer.model.parameters(), lr=config.training.lr)
-        step = TrainingLoss(trainer.model, config.training.loss)
-        users = trainer._train_users()
-        t0 = time.perf_counter()
-        loss = trainer._epoch(step, optimizer, users)
-        epoch_s = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        sampled = trainer.evaluators.sampled.evaluate(trainer.model, "test").summary()
-        sampled_s = time.perf_counter() - t0
-        full_eval = trainer.evaluators.full
-        assert full_eval is not None
-        t0 = time.perf_counter()
-        full = full_eval.evaluate(trainer.model, "test").summary()
-        full_s = time.perf_counter() - t0
-        millions = out["interactions"] / 1e6
-        out[name] = {"setup_s": setup_s, "epoch_s": epoch_s, "epoch_s_per_m": epoch_s / millions,
-                     "loss": loss, "eval_sampled_s": sampled_s, "eval_full_s": full_s, "eval_s": sampled_s + full_s,
-                     "full_ranking": full_eval.record(), "test_sampled_ndcg10": sampled["ndcg@10"],
-                     "test_full_ndcg10": full["ndcg@10"], "test_full_hit10": full["hit@10"],
-                     "rss_gb": peak_rss_gb()}
-        print(f"[{size}] {name}: setup {setup_s:.1f} s, epoch {epoch_s:.1f} s ({epoch_s / millions:.1f} s/M), "
-              f"eval sampled {sampled_s:.1f} s + full {full_s:.1f} s ({full_eval.record()['users']:,} users), "
-              f"test N@10 sampled {sampled['ndcg@10']:.4f} full {full['ndcg@10']:.4f}, "
-              f"peak RSS {peak_rss_gb():.2f} GB", flush=True)
-        del trainer, optimizer, step
+        try:
+            out[name] = run_model(name, size, model_sections[name], split, data_dir, folder, options, work, threads,
+                                  out["interactions"], max_batches.get(f"{name}@{size}", max_batches.get(name)))
+        except Exception as error:
+            out[name] = {"error": f"{type(error).__name__}: {error}"}
+            print(f"[{size}] {name} failed: {out[name]['error']}", flush=True)
     out["peak_rss_gb"] = peak_rss_gb()
     return out
+
+
+def run_model(name: str, size: str, section: dict[str, Any], split: Any, data_dir: Path, folder: str,
+              options: dict[str, str], work: Path, threads: int, interactions: int,
+              max_batches: int | None = None) -> dict[str, Any]:
+    import torch
+
+    from prismrec.config import RunConfig
+    from prismrec.models import MODELS
+    from prismrec.training.trainer import Trainer, TrainingLoss
+
+    config = RunConfig.model_validate({
+        "name": f"scale-{size}-{name}", "seed": 42,
+        "data": {"dataset": "generic", "data_dir": str(data_dir), "folder": folder, "options": options},
+        "model": MODELS.get(name).Config.model_validate(section),
+        "training": {"batch_size": 1024, "max_epochs": 1, "loss": "bce", "num_threads": threads},
+        "evaluation": {"batch_size": 1024},
+    })
+    t0 = time.perf_counter()
+    trainer = Trainer(config, split=split, run_dir=work / "runs" / config.name, quiet=True)
+    setup_s = time.perf_counter() - t0
+    optimizer = torch.optim.Adam(trainer.model.parameters(), lr=config.training.lr)
+    step = TrainingLoss(trainer.model, config.training.loss)
+    users = trainer._train_users()
+    batch_size = config.training.batch_size
+    n_batches = -(-len(users) // batch_size)
+    t0 = time.perf_counter()
+    if max_batches is None or max_batches >= n_batches:
+        loss = trainer._epoch(step, optimizer, users)  # the Trainer's own epoch
+        done = n_batches
+    else:  # the same loop as Trainer._epoch, stopped after max_batches batches of a random visiting order
+        trainer.model.train()
+        order = trainer.order_rng.permutation(users)[: max_batches * batch_size]
+        losses = []
+        for start in range(0, len(order), batch_size):
+            batch = trainer.model.training_batch([trainer.train_rows[u] for u in order[start:start + batch_size]],
+                                                 trainer.batch_rng)
+            value = step(trainer._to_device(batch))
+            optimizer.zero_grad(set_to_none=True)
+            value.backward()
+            optimizer.step()
+            losses.append(float(value.detach()))
+        loss, done = float(np.mean(losses)), max_batches
+    measured_s = time.perf_counter() - t0
+    epoch_s = measured_s * n_batches / done  # a partial epoch is scaled to the whole one (and says so)
+    # Evaluation: the test stage, both protocols on the full-ranking user sample (every user up to 50,000).
+    full_eval = trainer.evaluators.full
+    assert full_eval is not None
+    t0 = time.perf_counter()
+    sampled = trainer.evaluators.sampled.evaluate(trainer.model, "test", full_eval.users).summary()
+    sampled_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    full = full_eval.evaluate(trainer.model, "test").summary()
+    full_s = time.perf_counter() - t0
+    millions = interactions / 1e6
+    result = {"setup_s": setup_s, "epoch_s": epoch_s, "epoch_s_per_m": epoch_s / millions,
+              "batches_measured": done, "batches_per_epoch": n_batches, "measured_s": measured_s,
+              "loss": loss, "eval_sampled_s": sampled_s, "eval_full_s": full_s, "eval_s": sampled_s + full_s,
+                 "full_ranking": full_eval.record(), "test_sampled_ndcg10": sampled["ndcg@10"],
+                 "test_full_ndcg10": full["ndcg@10"], "test_full_hit10": full["hit@10"],
+                 "rss_gb": peak_rss_gb()}
+    print(f"[{size}] {name}: setup {setup_s:.1f} s, epoch {epoch_s:.1f} s ({epoch_s / millions:.1f} s/M; "
+          f"{done} of {n_batches} batches timed), "
+          f"eval sampled {sampled_s:.1f} s + full {full_s:.1f} s ({full_eval.record()['users']:,} users), "
+          f"test N@10 sampled {sampled['ndcg@10']:.4f} full {full['ndcg@10']:.4f}, "
+          f"peak RSS {peak_rss_gb():.2f} GB", flush=True)
+    return result
 
 
 def summarise(parts: dict[str, dict[str, Any]], models: list[str], derive_s: float | None) -> tuple[dict, str]:
@@ -212,7 +249,7 @@ def summarise(parts: dict[str, dict[str, Any]], models: list[str], derive_s: flo
             "---:|---:|---:|---|"]
     for size, part in parts.items():
         for name in models:
-            if name not in part:
+            if name not in part or "error" in part[name]:
                 continue
             m = part[name]
             prefix = "" if name == "sasrec" else f"{name}_"
@@ -221,8 +258,10 @@ def summarise(parts: dict[str, dict[str, Any]], models: list[str], derive_s: flo
             flat[f"{prefix}eval_s_{size}"] = round(m["eval_s"], 1)
             flat[f"{prefix}eval_full_s_{size}"] = round(m["eval_full_s"], 1)
             flat[f"{prefix}setup_s_{size}"] = round(m["setup_s"], 1)
+            timed = "" if m["batches_measured"] == m["batches_per_epoch"] else (
+                f" ({m['batches_measured']} of {m['batches_per_epoch']} batches timed)")
             rows.append(f"| {size} | {part['users']:,} | {part['items']:,} | {name} | {part['load_s']:.1f} | "
-                        f"{m['setup_s']:.1f} | {m['epoch_s']:.1f} | {m['epoch_s_per_m']:.1f} | "
+                        f"{m['setup_s']:.1f} | {m['epoch_s']:.1f}{timed} | {m['epoch_s_per_m']:.1f} | "
                         f"{m['eval_s']:.1f} ({m['eval_sampled_s']:.1f} + {m['eval_full_s']:.1f}) | "
                         f"{m['full_ranking']['users']:,} of {m['full_ranking']['of']:,} | {m['rss_gb']:.2f} | "
                         f"{m['test_sampled_ndcg10']:.4f} / {m['test_full_ndcg10']:.4f} |")
@@ -245,6 +284,16 @@ def summarise(parts: dict[str, dict[str, Any]], models: list[str], derive_s: flo
     return flat, "\n".join(rows) + "\n\nGoals:\n\n" + "\n".join(goals)
 
 
+def parse_caps(text: str) -> dict[str, int]:
+    caps: dict[str, int] = {}
+    for item in filter(None, (t.strip() for t in text.split(","))):
+        key, _, value = item.partition("=")
+        if not value.isdigit() or int(value) < 1:
+            raise SystemExit(f"--max-batches: {item!r} is not MODEL[@SIZE]=N with N >= 1")
+        caps[key] = int(value)
+    return caps
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--sizes", default="1m,3m,10m")
@@ -253,6 +302,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default="scale", help="results name (benchmarks/results/NAME.{md,json})")
     parser.add_argument("--force", action="store_true", help="rerun sizes whose part result exists")
+    parser.add_argument("--max-batches", default="", help="time only this many batches of an epoch and scale "
+                        "to the whole epoch, e.g. 'dmesr@10m=120,dmesr@3m=120' (MODEL or MODEL@SIZE); default: "
+                        "whole epochs")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one size in this process
     parser.add_argument("--semantics", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -265,7 +317,7 @@ def main(argv: list[str] | None = None) -> None:
     os.environ["PRISMREC_HOME"] = str(args.work / "home")
     parts_dir = RESULTS / f"{args.out}_parts"
     if args.one:
-        result = run_size(args.one, args.work, args.semantics, models, args.threads)
+        result = run_size(args.one, args.work, args.semantics, models, args.threads, parse_caps(args.max_batches))
         result["threads"] = args.threads
         parts_dir.mkdir(parents=True, exist_ok=True)
         (parts_dir / f"{args.one}.json").write_text(json.dumps(result, indent=2) + "\n")
@@ -280,7 +332,7 @@ def main(argv: list[str] | None = None) -> None:
         if not path.exists() or args.force:
             proc = subprocess.run([sys.executable, __file__, "--one", size, "--semantics", semantics, "--models",
                                    ",".join(models), "--work", str(args.work), "--threads", str(args.threads),
-                                   "--out", args.out])
+                                   "--out", args.out, "--max-batches", args.max_batches])
             if proc.returncode != 0:
                 print(f"[{size}] failed (exit {proc.returncode}); the other sizes go on", flush=True)
                 continue
@@ -290,9 +342,11 @@ def main(argv: list[str] | None = None) -> None:
     flat, table = summarise(parts, models, derive_s)
     notes = (f"Synthetic generic-format data (see the script's docstring), {parts[next(iter(parts))]['threads']} "
              f"torch threads on a shared 2-core machine. Epoch: one pass over every user (window 'last', "
-             f"BCE, batch 1024). Eval: the test stage, sampled protocol over every user plus bounded full "
-             f"ranking (`evaluation.full_ranking_users` default: all users up to 50,000, then a seeded sample "
-             f"of 50,000) streamed over the catalogue in chunks of 16,384 items. Setup: model, semantics and the "
+             f"BCE, batch 1024); where the table says so, only the first batches of the epoch's random visiting "
+             f"order were timed and the time scaled to the whole epoch (same per-batch work). Eval: the test "
+             f"stage on the full-ranking user sample (`evaluation.full_ranking_users` default: all users up to "
+             f"50,000, then a seeded sample of 50,000), sampled protocol plus full ranking streamed over the "
+             f"whole catalogue in chunks of 16,384 items. Setup: model, semantics and the "
              f"sampled protocol's negatives (drawn once per dataset, cached). DMESR semantics derived once "
              f"for the largest catalogue in {derive_s or 0:.0f} s (0: reused). Command used: "
              f"`{command_line()}`.")

@@ -68,7 +68,7 @@ def test_scale_summary_judges_the_goals():
     part = {"users": 10, "items": 5, "load_s": 1.0, "peak_rss_gb": 2.0, "threads": 2}
     model = {"setup_s": 1.0, "epoch_s": 10.0, "epoch_s_per_m": 10.0, "eval_s": 30.0, "eval_sampled_s": 20.0,
              "eval_full_s": 10.0, "full_ranking": {"users": 10, "of": 10}, "rss_gb": 2.0,
-             "test_sampled_ndcg10": 0.1, "test_full_ndcg10": 0.01}
+             "test_sampled_ndcg10": 0.1, "test_full_ndcg10": 0.01, "batches_measured": 5, "batches_per_epoch": 5}
     parts = {"1m": {**part, "sasrec": model},
              "10m": {**part, "peak_rss_gb": 9.0, "sasrec": {**model, "epoch_s_per_m": 14.0, "eval_s": 700.0}}}
     flat, table = scale.summarise(parts, ["sasrec"], None)

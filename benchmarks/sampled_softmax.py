@@ -30,6 +30,10 @@ VARIANTS = {
     "ce": ["training.loss='ce'"],
     "sampled_ce_uniform": ["training.loss='sampled_ce'", "training.negative_sampler='uniform'"],
     "sampled_ce_popularity": ["training.loss='sampled_ce'", "training.negative_sampler='popularity'"],
+    "sampled_ce_uniform_1024": ["training.loss='sampled_ce'", "training.negative_sampler='uniform'",
+                                "training.num_negatives=1024"],
+    "sampled_ce_uniform_no_logq": ["training.loss='sampled_ce'", "training.negative_sampler='uniform'",
+                                   "training.logq_correction=false"],
     "bce": ["training.loss='bce'"],
 }
 
@@ -40,7 +44,8 @@ def main() -> None:
                         default=["model.max_len=50", "training.max_epochs=30", "training.patience=5",
                                  "training.num_threads=2"])
     parser.add_argument("--negatives", type=int, default=256)
-    parser.add_argument("--variants", default="ce,sampled_ce_uniform,sampled_ce_popularity",
+    parser.add_argument("--variants", default="ce,sampled_ce_uniform,sampled_ce_popularity,sampled_ce_uniform_1024,"
+                        "sampled_ce_uniform_no_logq",
                         help=f"comma-separated, of {', '.join(VARIANTS)}")
     args = parser.parse_args()
     os.environ.setdefault("PRISMREC_HOME", "/tmp/prismrec-bench")
@@ -50,7 +55,7 @@ def main() -> None:
     rows = []
     for name in names:
         config = load_config(REPO / "configs/movielens_sasrec.toml",
-                             [*args.overrides, *VARIANTS[name], f"training.num_negatives={args.negatives}",
+                             [*args.overrides, f"training.num_negatives={args.negatives}", *VARIANTS[name],
                               f"name='bench-loss-{name}'"])
         split = split or prepare_split(config)
         outcome = Trainer(config, split=split, quiet=True).fit()

@@ -159,7 +159,8 @@ def test_config_rejects_bad_full_ranking_options_and_keeps_old_hashes():
     config = load_config(None, ["model.name='sasrec'"])
     resolved = config.to_dict()
     for section, key in (("evaluation", "full_ranking_users"), ("evaluation", "full_ranking_chunk"),
-                         ("training", "num_negatives"), ("training", "negative_sampler"), ("training", "precision")):
+                         ("training", "num_negatives"), ("training", "negative_sampler"), ("training", "precision"),
+                         ("training", "logq_correction")):
         del resolved[section][key]  # a configuration recorded before these options existed
     assert config._hash(resolved) == config.config_hash()
     assert load_config(None, ["model.name='sasrec'", "evaluation.full_ranking_users=10"]).config_hash() != (

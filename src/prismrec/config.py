@@ -45,6 +45,8 @@ class TrainingConfig(StrictModel):
     num_negatives: int = Field(256, ge=1, description="sampled_ce: negatives drawn per batch, shared by its positions")
     negative_sampler: Literal["uniform", "popularity"] = Field(
         "uniform", description="sampled_ce: draw negatives uniformly or by training popularity (count + 1)")
+    logq_correction: bool = Field(True, description="sampled_ce: lower each drawn item's logit by log(N q), so the "
+                                  "sampled denominator estimates the full one (False: plain sampled negatives)")
     precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16: autocast the training forward pass to "
                                                "bfloat16 (CPU or CUDA); evaluation stays fp32")
     eval_every: int = Field(1, ge=1)
@@ -62,6 +64,7 @@ HASH_NEUTRAL_DEFAULTS: dict[tuple[str, str], Any] = {
     ("training", "window"): "last",
     ("training", "num_negatives"): 256,
     ("training", "negative_sampler"): "uniform",
+    ("training", "logq_correction"): True,
     ("training", "precision"): "fp32",
     ("evaluation", "full_ranking_users"): None,
     ("evaluation", "full_ranking_chunk"): 16384,

@@ -261,6 +261,8 @@ class Trainer:
             batch = self.model.training_batch([train[u] for u in batch_users], self.batch_rng)
             if self.sampler is not None:  # sampled softmax: one draw of negatives per batch, shared by its positions
                 batch["sampled_ids"], batch["sampled_logq"] = self.sampler.draw(cfg.num_negatives, self.batch_rng)
+                if not cfg.logq_correction:
+                    batch["sampled_logq"] = torch.zeros_like(batch["sampled_logq"])
             batch = self._to_device(batch)
             with self._autocast():
                 loss = step(batch)

@@ -38,8 +38,17 @@ class TrainingConfig(StrictModel):
     max_epochs: int = Field(300, ge=0)
     patience: int = Field(20, ge=1, description="epochs without validation improvement before stopping")
     early_stopping_metric: str = Field("ndcg@10", description="validation metric (sampled mode) to maximise")
-    loss: Literal["bce", "ce"] = Field("bce", description="bce: one sampled negative per position (Eq. 7); "
-                                       "ce: softmax cross-entropy over all items")
+    loss: Literal["bce", "ce", "sampled_ce"] = Field(
+        "bce", description="bce: one sampled negative per position (Eq. 7); ce: softmax cross-entropy over all "
+        "items; sampled_ce: softmax over the target and num_negatives sampled items with the logQ correction "
+        "(large catalogues)")
+    num_negatives: int = Field(256, ge=1, description="sampled_ce: negatives drawn per batch, shared by its positions")
+    negative_sampler: Literal["uniform", "popularity"] = Field(
+        "uniform", description="sampled_ce: draw negatives uniformly or by training popularity (count + 1)")
+    logq_correction: bool = Field(True, description="sampled_ce: lower each drawn item's logit by log(N q), so the "
+                                  "sampled denominator estimates the full one (False: plain sampled negatives)")
+    precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16: autocast the training forward pass to "
+                                               "bfloat16 (CPU or CUDA); evaluation stays fp32")
     eval_every: int = Field(1, ge=1)
     grad_clip: float | None = Field(None, gt=0)
     num_threads: int | None = Field(None, ge=1, description="torch CPU threads (None: torch default)")
@@ -51,7 +60,15 @@ class TrainingConfig(StrictModel):
 
 # Options added after runs were already recorded: at their default they are left out of the config hash, so
 # finished runs (and experiment cells) stay reusable when the option appears. Set to anything else, they count.
-HASH_NEUTRAL_DEFAULTS: dict[tuple[str, str], Any] = {("training", "window"): "last"}
+HASH_NEUTRAL_DEFAULTS: dict[tuple[str, str], Any] = {
+    ("training", "window"): "last",
+    ("training", "num_negatives"): 256,
+    ("training", "negative_sampler"): "uniform",
+    ("training", "logq_correction"): True,
+    ("training", "precision"): "fp32",
+    ("evaluation", "full_ranking_users"): None,
+    ("evaluation", "full_ranking_chunk"): 16384,
+}
 
 
 class EvaluationConfig(StrictModel):
@@ -60,6 +77,11 @@ class EvaluationConfig(StrictModel):
     ks: list[int] = Field(default_factory=lambda: [5, 10, 20])
     batch_size: int = Field(256, ge=1)
     full_ranking: bool = True
+    full_ranking_users: int | None = Field(
+        None, ge=1, description="full ranking scores a seeded sample of this many users (the same for every "
+        "model; recorded in final.json). None: all users up to 50,000, above that a sample of 50,000 with a warning")
+    full_ranking_chunk: int = Field(16384, ge=1, description="items scored per matrix product in full ranking "
+                                    "(memory: batch_size x this many floats); does not change the results")
 
     @field_validator("ks")
     @classmethod
@@ -104,8 +126,9 @@ class RunConfig(StrictModel):
     @staticmethod
     def _hash(resolved: dict[str, Any]) -> str:
         for (section, key), default in HASH_NEUTRAL_DEFAULTS.items():
-            if resolved.get(section, {}).get(key, None) == default:
-                del resolved[section][key]
+            values = resolved.get(section, {})
+            if key in values and values[key] == default:
+                del values[key]
         payload = json.dumps(resolved, sort_keys=True, default=str)
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 

@@ -18,8 +18,8 @@ import torch
 from torch import nn
 
 from prismrec.data.split import LeaveOneOutSplit
-from prismrec.evaluation.evaluators import pad_left
-from prismrec.models.losses import bce_one_negative, full_softmax_ce
+from prismrec.evaluation.evaluators import ScoreFactors, pad_left
+from prismrec.models.losses import bce_one_negative, full_softmax_ce, sampled_softmax_ce
 from prismrec.options import ModelConfig
 
 
@@ -89,6 +89,11 @@ class Recommender(nn.Module):
     def score(self, inputs: torch.Tensor, candidates: torch.Tensor | None) -> torch.Tensor:
         raise NotImplementedError
 
+    def score_factors(self, inputs: torch.Tensor) -> ScoreFactors | None:
+        """``score(inputs, None)`` as a sum of user x item dot products, which full ranking streams over the
+        catalogue in chunks; None when the model's scores do not factor so (then it scores candidate chunks)."""
+        return None
+
 
 def sample_training_negatives(targets: np.ndarray, sequences: list[np.ndarray], n_items: int,
                               rng: np.random.Generator) -> np.ndarray:
@@ -144,12 +149,19 @@ class SequentialRecommender(Recommender):
             return users @ table.T
         return torch.einsum("bd,bcd->bc", users, table[candidates])
 
+    def score_factors(self, inputs: torch.Tensor) -> ScoreFactors:
+        return ScoreFactors((self.user_vectors(inputs),), (self.output_items(),))
+
     def training_batch(self, sequences: list[np.ndarray], rng: np.random.Generator) -> dict[str, torch.Tensor]:
         return next_item_batch(sequences, self.max_len, self.n_items, rng)
 
     def training_loss(self, batch: dict[str, torch.Tensor], loss: str) -> torch.Tensor:
         hidden = self.encode(batch["inputs"])
         mask = batch["targets"] > 0
+        if loss == "sampled_ce":  # only the targets' and the draws' vectors: never the whole catalogue
+            return sampled_softmax_ce(hidden, self.item_encoder(batch["targets"]),
+                                      self.item_encoder(batch["sampled_ids"]), batch["targets"],
+                                      batch["sampled_ids"], batch["sampled_logq"], mask)
         table = self.output_items()
         if loss == "ce":
             return full_softmax_ce(hidden, table, batch["targets"], mask)

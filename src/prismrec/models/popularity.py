@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from prismrec.data.split import LeaveOneOutSplit
+from prismrec.evaluation.evaluators import ScoreFactors
 from prismrec.models.base import Recommender
 from prismrec.models.registry import MODELS
 from prismrec.options import ModelConfig
@@ -45,3 +46,7 @@ class Popularity(Recommender):
         if candidates is None:
             return self.counts.expand(inputs.shape[0], -1)
         return self.counts[candidates]
+
+    def score_factors(self, inputs: torch.Tensor) -> ScoreFactors:
+        ones = torch.ones((inputs.shape[0], 1), dtype=self.counts.dtype, device=inputs.device)
+        return ScoreFactors((ones,), (self.counts.view(-1, 1),))

@@ -40,6 +40,7 @@ from prismrec.data.loaders import load_sequences
 from prismrec.data.split import LeaveOneOutSplit
 from prismrec.evaluation.evaluators import EvaluationResult, FullRankingEvaluator, SampledRankingEvaluator
 from prismrec.models import MODELS, Recommender
+from prismrec.models.losses import NegativeSampler
 from prismrec.training.checkpoint import (
     CheckpointError,
     EarlyStopping,
@@ -87,8 +88,15 @@ class Evaluators:
         ev = config.evaluation
         device = device or config.training.device
         sampled = SampledRankingEvaluator(split, ev.num_negatives, ev.negative_seed, ev.ks, ev.batch_size, device)
-        full = FullRankingEvaluator(split, ev.ks, ev.batch_size, device) if ev.full_ranking else None
+        full = FullRankingEvaluator(split, ev.ks, ev.batch_size, device, max_users=ev.full_ranking_users,
+                                    seed=ev.negative_seed, chunk_size=ev.full_ranking_chunk,
+                                    warn=lambda text: console.print(f"[yellow]warning:[/yellow] {text}")
+                                    ) if ev.full_ranking else None
         return cls(sampled, full)
+
+    def record(self) -> dict[str, Any]:
+        """What final.json records about the evaluation (the full-ranking user sample)."""
+        return {} if self.full is None else {"full_ranking": self.full.record()}
 
     def final(self, model: Recommender) -> dict[str, dict[str, float]]:
         """``{"valid/sampled": {...}, "test/sampled": {...}, "valid/full": ..., "test/full": ...}``."""
@@ -181,6 +189,8 @@ class Trainer:
         # The visiting order is shared by all ranks; what each rank samples for its own users is its own.
         self.order_rng = np.random.default_rng(config.seed)
         self.batch_rng = np.random.default_rng([config.seed, 1 + self.dist.rank])
+        self.sampler = self._negative_sampler()
+        self.pin_memory = torch.device(self.device).type == "cuda"
 
     @property
     def is_main(self) -> bool:
@@ -219,6 +229,26 @@ class Trainer:
             return self.split.train_sequences
         return sliding_windows(self.split.train_sequences, int(max_len))
 
+    def _negative_sampler(self) -> NegativeSampler | None:
+        cfg = self.config.training
+        if cfg.loss != "sampled_ce":
+            return None
+        n_items = self.split.dataset.n_items
+        counts = None
+        if cfg.negative_sampler == "popularity":
+            counts = np.bincount(np.concatenate(self.split.train_sequences), minlength=n_items + 1)
+        return NegativeSampler(n_items, cfg.negative_sampler, counts)
+
+    def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if not self.pin_memory:
+            return {k: v.to(self.device) for k, v in batch.items()}
+        return {k: v.pin_memory().to(self.device, non_blocking=True) for k, v in batch.items()}
+
+    def _autocast(self) -> contextlib.AbstractContextManager[Any]:
+        if self.config.training.precision != "bf16":
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=torch.device(self.device).type, dtype=torch.bfloat16)
+
     def _train_users(self) -> np.ndarray:
         lengths = np.array([len(s) for s in self.train_rows])
         return np.flatnonzero(lengths >= 2)  # a sequence of one item has nothing to predict
@@ -237,8 +267,13 @@ class Trainer:
                     continue  # every rank skips the same tiny tail batch, keeping the ranks in step
                 batch_users = batch_users[rank::world]
             batch = self.model.training_batch([train[u] for u in batch_users], self.batch_rng)
-            batch = {k: v.to(self.device) for k, v in batch.items()}
-            loss = step(batch)
+            if self.sampler is not None:  # sampled softmax: one draw of negatives per batch, shared by its positions
+                batch["sampled_ids"], batch["sampled_logq"] = self.sampler.draw(cfg.num_negatives, self.batch_rng)
+                if not cfg.logq_correction:
+                    batch["sampled_logq"] = torch.zeros_like(batch["sampled_logq"])
+            batch = self._to_device(batch)
+            with self._autocast():
+                loss = step(batch)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.grad_clip:
@@ -343,11 +378,16 @@ class Trainer:
             save_file({k: v.contiguous() for k, v in self.model.state_dict().items()}, str(best_path))
         final = self.evaluators.final(self.model)
         seconds = time.perf_counter() - start_time
+        if self.is_main and self.evaluators.full is not None and len(self.evaluators.full.users) < len(
+                self.split.eval_users):  # the sample itself, so that anyone can re-score the same users
+            write_json(self.run_dir / "full_ranking_users.json",
+                       {**self.evaluators.full.record(), "user_ids": self.evaluators.full.users.tolist()})
         if self.is_main:
             write_json(self.run_dir / "final.json", {"best_epoch": stopping.best_epoch,
                                                      "best_valid": stopping.best_value, "epochs_run": epochs_run,
                                                      "train_seconds": seconds, "resumed_from_epoch": resumed_from,
-                                                     "world_size": self.dist.world_size, "metrics": final})
+                                                     "world_size": self.dist.world_size, "metrics": final,
+                                                     **self.evaluators.record()})
         self.dist.close()
         return TrainingOutcome(self.run_dir, stopping.best_epoch, stopping.best_value, final, epochs_run, seconds,
                                history, resumed_from)

@@ -55,6 +55,7 @@ class GRU4RecEncoder(SequenceBackbone):
         self.max_len = max_len
         self.input_dropout = nn.Dropout(dropout)
         self.gru = nn.GRU(hidden_size, gru_size, num_layers=num_layers, batch_first=True, bias=False)
+        self.pack = True  # pack the sequences on the CPU (skips the padding); never on other devices
         self.output = nn.Linear(gru_size, hidden_size)
         nn.init.xavier_uniform_(self.output.weight)
         nn.init.zeros_(self.output.bias)
@@ -65,9 +66,15 @@ class GRU4RecEncoder(SequenceBackbone):
         length = item_vectors.shape[1]
         lengths = (~padding_mask).sum(dim=1)
         x = shift_left_padding(self.input_dropout(item_vectors), lengths, to_front=True)
-        packed = pack_padded_sequence(x, lengths.clamp(min=1).cpu(), batch_first=True, enforce_sorted=False)
-        out, _ = self.gru(packed)
-        out, _ = pad_packed_sequence(out, batch_first=True, total_length=length)
+        if self.pack and x.device.type == "cpu":
+            packed = pack_padded_sequence(x, lengths.clamp(min=1).cpu(), batch_first=True, enforce_sorted=False)
+            out, _ = self.gru(packed)
+            out, _ = pad_packed_sequence(out, batch_first=True, total_length=length)
+        else:
+            # On an accelerator, packing would copy the lengths to the host every step (a sync). The rows are
+            # right-padded now, and a GRU's output at a real position never depends on the padding after it,
+            # so the whole padded length goes through (the padded outputs are masked below).
+            out, _ = self.gru(x)
         out = shift_left_padding(self.output(out), lengths, to_front=False)
         return out * (~padding_mask).unsqueeze(-1).to(out.dtype)
 

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from pydantic import Field
 
+from prismrec.evaluation.evaluators import ScoreFactors
 from prismrec.models.backbones import BackboneOptions, build_recommender
 from prismrec.models.base import ItemEncoder, Recommender
 from prismrec.models.enhancers.adapters import unique_with_inverse
@@ -109,6 +110,9 @@ class EnhancedRecommender(Recommender):
 
     def score(self, inputs: torch.Tensor, candidates: torch.Tensor | None) -> torch.Tensor:
         return self.inner.score(inputs, candidates)
+
+    def score_factors(self, inputs: torch.Tensor) -> ScoreFactors | None:
+        return self.inner.score_factors(inputs)
 
     # Dot-product form (score = user_vectors(inputs) @ output_items().T), as SequentialRecommender offers it.
     def user_vectors(self, inputs: torch.Tensor) -> torch.Tensor:

@@ -44,6 +44,7 @@ from pydantic import Field
 from torch import nn
 
 from prismrec.data.split import LeaveOneOutSplit
+from prismrec.evaluation.evaluators import ScoreFactors
 from prismrec.models.backbones import BACKBONES
 from prismrec.models.backbones.bert4rec import cloze_batch
 from prismrec.models.backbones.sasrec import xavier_init
@@ -58,7 +59,7 @@ from prismrec.models.enhancers.adapters import (
 from prismrec.models.enhancers.alignment import AlignmentForm, symmetric_contrastive
 from prismrec.models.enhancers.base import EnhancerConfig
 from prismrec.models.enhancers.cross_attention import BidirectionalCrossAttention
-from prismrec.models.losses import bce_one_negative, full_softmax_ce
+from prismrec.models.losses import bce_one_negative, full_softmax_ce, sampled_softmax_ce
 from prismrec.models.registry import MODELS
 
 ROUTES = ("text", "visual", "hybrid", "original")
@@ -224,7 +225,8 @@ class DMESR(Recommender):
         coarse, fine, _ = self._views(unique)
         return [(coarse[inv], fine[inv] if fine is not None else None) for inv in inverses]
 
-    def score(self, inputs: torch.Tensor, candidates: torch.Tensor | None) -> torch.Tensor:
+    def _user_vectors(self, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(u^coarse, u^fine or None) at the last position (an appended mask position for BERT4Rec)."""
         coarse_all, fine_all = self.item_tables()
         if self.objective == "cloze":  # score at an appended mask position (BERT4Rec)
             appended = torch.full((inputs.shape[0], 1), self.mask_id, dtype=inputs.dtype, device=inputs.device)
@@ -233,8 +235,19 @@ class DMESR(Recommender):
         coarse_seq = self._with_mask_token(inputs, coarse_all[ids])
         fine_seq = self._with_mask_token(inputs, fine_all[ids]) if fine_all is not None else None
         hidden_c, hidden_f = self._user_states(inputs, coarse_seq, fine_seq)
-        user_c = hidden_c[:, -1]
-        user_f = hidden_f[:, -1] if hidden_f is not None else None
+        return hidden_c[:, -1], (hidden_f[:, -1] if hidden_f is not None else None)
+
+    def score_factors(self, inputs: torch.Tensor) -> ScoreFactors:
+        """Eq. (6) as u^c . e^c + u^f . e^f, the order ``score`` sums them in."""
+        coarse_all, fine_all = self.item_tables()
+        user_c, user_f = self._user_vectors(inputs)
+        if user_f is None or fine_all is None:
+            return ScoreFactors((user_c,), (coarse_all,))
+        return ScoreFactors((user_c, user_f), (coarse_all, fine_all))
+
+    def score(self, inputs: torch.Tensor, candidates: torch.Tensor | None) -> torch.Tensor:
+        coarse_all, fine_all = self.item_tables()
+        user_c, user_f = self._user_vectors(inputs)
         if candidates is None:  # Eq. (6) against every item
             scores = user_c @ coarse_all.T
             return scores + user_f @ fine_all.T if user_f is not None else scores
@@ -263,11 +276,20 @@ class DMESR(Recommender):
     def training_loss(self, batch: dict[str, torch.Tensor], loss: str, naive: bool = False) -> torch.Tensor:
         inputs, targets, negatives = batch["inputs"], batch["targets"], batch["negatives"]
         mask = targets > 0
-        views = self._batch_views(inputs, targets, negatives, naive=naive)
-        (in_c, in_f), (pos_c, pos_f), (neg_c, neg_f) = views
+        sampled = loss == "sampled_ce"
+        extra = (batch["sampled_ids"],) if sampled else ()
+        views = self._batch_views(inputs, targets, negatives, *extra, naive=naive)
+        (in_c, in_f), (pos_c, pos_f), (neg_c, neg_f) = views[:3]
         hidden_c, hidden_f = self._user_states(inputs, self._with_mask_token(inputs, in_c),
                                                self._with_mask_token(inputs, in_f))
-        if loss == "ce":
+        if sampled:  # the targets' and the draws' views only (each distinct item adapted once)
+            draw_c, draw_f = views[3]
+            hidden = hidden_c if hidden_f is None else torch.cat([hidden_c, hidden_f], dim=-1)
+            pos = pos_c if pos_f is None else torch.cat([pos_c, pos_f], dim=-1)
+            draws = draw_c if draw_f is None else torch.cat([draw_c, draw_f], dim=-1)
+            rec_loss = sampled_softmax_ce(hidden, pos, draws, targets, batch["sampled_ids"],
+                                          batch["sampled_logq"], mask)
+        elif loss == "ce":
             coarse_all, fine_all = self.item_tables()
             hidden = hidden_c if hidden_f is None else torch.cat([hidden_c, hidden_f], dim=-1)
             table = coarse_all if fine_all is None else torch.cat([coarse_all, fine_all], dim=-1)

@@ -481,3 +481,20 @@ def test_a_multimodal_run_attaches_candidate_images_and_records_them(qwen_and_po
     assert "candidate_image = true" in (run_dir / "config.toml").read_text()
     assert json.loads((run_dir / "final.json").read_text())["candidate_images"] == images
     assert set(result["metrics"]) == {"valid/sampled", "test/sampled"}
+
+
+def test_shared_prefix_kv_cache_gives_the_same_scores(split: LeaveOneOutSplit) -> None:
+    """Scoring one user's candidates from the KV cache of their shared prompt prefix changes no score."""
+    recommender = _recommender(split, seed=1)
+    prompts = []
+    for user in range(4):  # 4 users x 9 candidates, candidate texts of different lengths, shuffled together
+        sequence = [int(i) for i in split.dataset.sequences[user]]
+        summary = f"{SUMMARY_PREFIX} {'drama ' * user}films."
+        prompts += [recommender.prompt(summary, sequence[:4 + user], c) for c in range(1 + user, 40, 4)]
+    order = np.random.default_rng(0).permutation(len(prompts))
+    prompts = [prompts[i] for i in order]
+    assert recommender.reuses_prefix(prompts) and len(recommender.prefix_groups(prompts)) == 4
+    plain = recommender.score_prompts(prompts, batch_size=5, reuse_prefix=False)
+    reused = recommender.score_prompts(prompts, batch_size=5)
+    torch.testing.assert_close(reused, plain, atol=1e-5, rtol=1e-4)
+    assert plain.std() > 0

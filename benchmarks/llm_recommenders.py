@@ -131,7 +131,8 @@ def train_sasrec(split: LeaveOneOutSplit, args: argparse.Namespace, folder: Path
     config = RunConfig(name="llm-recommenders-sasrec", seed=args.seed,
                        data={"dataset": args.dataset, "data_dir": args.data_dir},
                        model=SASRecConfig(hidden_size=64, max_len=50),
-                       training={"max_epochs": args.sasrec_epochs, "patience": 20, "batch_size": 128},
+                       training={"max_epochs": args.sasrec_epochs, "patience": 20, "batch_size": 128,
+                                 "device": args.device},
                        evaluation={"full_ranking": False, "num_negatives": NUM_NEGATIVES})
     resume = (folder / "last.safetensors").exists()  # a killed SASRec run continues from its last epoch
     Trainer(config, split=split, run_dir=folder, quiet=args.quiet, resume=resume).fit()
@@ -155,11 +156,11 @@ def sasrec_scores(split: LeaveOneOutSplit, run_dir: Path, users: np.ndarray, can
 
 # --- MLLM-MSR --------------------------------------------------------------------------------------------
 def mllm_msr_options(args: argparse.Namespace) -> msr.MLLMMSROptions:
-    backend = {"model": args.model, "max_tokens": args.summary_tokens, "batch_size": 8}
+    backend = {"model": args.model, "device": args.device, "max_tokens": args.summary_tokens, "batch_size": 8}
     if args.smoke:
         backend["min_tokens"] = args.summary_tokens  # a random tiny LM would stop at once
     return msr.MLLMMSROptions(
-        llm=CausalLMOptions(model=args.model),
+        llm=CausalLMOptions(model=args.model, device=args.device),
         items=msr.ItemTextOptions(semantics=args.semantics if args.item_summaries else None),
         summaries=msr.SummaryOptions(max_history=args.history, backend_options=backend))
 
@@ -250,7 +251,7 @@ def run_speeder(split: LeaveOneOutSplit, args: argparse.Namespace, work: Path, s
     options = spd.SpeederOptions(semantics=args.semantics, image_matrix=args.image_matrix)
     collaborative = spd.collaborative_table_from_sasrec_run(sasrec_dir, split.dataset)
     features = spd.load_modality_features(options, split.dataset, collaborative)
-    llm, tokenizer = load_causal_lm(CausalLMOptions(model=args.model))
+    llm, tokenizer = load_causal_lm(CausalLMOptions(model=args.model, device=args.device))
     torch.manual_seed(args.seed)
     model = spd.Speeder(add_lora(llm, LoRAOptions()), tokenizer, features, options)
     if not record_path.exists():
@@ -277,7 +278,7 @@ def run_speeder(split: LeaveOneOutSplit, args: argparse.Namespace, work: Path, s
                 record["train_samples"] += n * batch_size
                 model.eval()
                 with torch.no_grad():
-                    valid = ndcg10(model.score(inputs, candidates))
+                    valid = ndcg10(model.score(inputs, candidates).cpu())
                 record["rounds"].append({"stage": stage.name, "steps": done, "valid_ndcg10": valid})
                 console.print(f"Speeder {stage.name} step {done}/{stage.steps}: valid N@10 {valid:.4f}")
                 if valid > best_valid:
@@ -293,7 +294,7 @@ def run_speeder(split: LeaveOneOutSplit, args: argparse.Namespace, work: Path, s
     model.eval()
     with torch.no_grad():
         scores = model.score(histories(split, test_users, "test", options.max_len),
-                             torch.as_tensor(test_candidates)).double().numpy()
+                             torch.as_tensor(test_candidates)).double().cpu().numpy()
     np.save(scores_path, scores)
     return scores, json.loads(record_path.read_text())
 
@@ -373,6 +374,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                             help=f"default {value} (smoke: {SIZES['smoke'][name]})")
     parser.add_argument("--mllm-lr", type=float, default=1e-4)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (the LLMs and SASRec)")
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--work-dir", type=Path, default=None)
     parser.add_argument("--results-dir", type=Path, default=RESULTS)

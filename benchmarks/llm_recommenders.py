@@ -7,8 +7,9 @@ Every test user is scored on its test item plus the evaluators' 20 cached negati
 * **chance**: the expected metrics of a uniformly random order of the 21 candidates (exact);
 * **popularity**: training-split interaction counts;
 * **SASRec**: the project's Trainer on the training split, early-stopped on validation (``training.patience``);
-* **MLLM-MSR**: LoRA on ``--mllm-train-users`` users' last training item ("yes") and ``--mllm-negatives``
-  sampled unseen items each ("no"), user summaries by the same LLM (``local-llm``), trained in rounds of
+* **MLLM-MSR**: LoRA on ``--mllm-train-users`` users' last *training* item ("yes"; the test and validation users
+  are among them, as every user's training split is in SASRec's) and ``--mllm-negatives`` sampled unseen items
+  each ("no"), user summaries by the same LLM (``local-llm``), trained in rounds of
   ``--mllm-round`` prompts with validation N@10 (``--valid-users`` users, disjoint from the test users, on
   their validation item + 20 negatives) after each round; the best round's adapter is kept, training stops
   after ``--patience`` rounds without improvement;
@@ -165,6 +166,15 @@ def mllm_msr_options(args: argparse.Namespace) -> msr.MLLMMSROptions:
         summaries=msr.SummaryOptions(max_history=args.history, backend_options=backend))
 
 
+def select_train_users(split: LeaveOneOutSplit, count: int, test_users: np.ndarray, valid_users: np.ndarray,
+                       seed: int) -> np.ndarray:
+    """``count`` users (sorted): the evaluated users first, then a seeded sample of the rest."""
+    first = np.unique(np.concatenate([test_users, valid_users]))[:count]
+    rest = np.setdiff1d(split.eval_users, first)
+    extra = np.random.default_rng(seed).choice(rest, size=min(max(0, count - len(first)), len(rest)), replace=False)
+    return np.sort(np.concatenate([first, extra]).astype(np.int64))
+
+
 def score_mllm_msr(model: msr.MLLMMSR, summariser: msr.UserSummariser, split: LeaveOneOutSplit, users: np.ndarray,
                    candidates: np.ndarray, stage: Stage, args: argparse.Namespace) -> torch.Tensor:
     scorer = msr.MLLMMSRScorer(model, summariser, split, stage, NUM_NEGATIVES + 1, console, args.quiet)
@@ -183,10 +193,10 @@ def run_mllm_msr(split: LeaveOneOutSplit, args: argparse.Namespace, work: Path, 
     items = msr.ItemTexts(split.dataset, options.items)
     training = msr.MLLMMSRTrainingOptions(lr=args.mllm_lr, epochs=1, batch_size=8, positives_per_user=1,
                                           negatives_per_positive=args.mllm_negatives)
-    # training users: a seeded sample of the users that are neither test nor validation users
-    pool = np.setdiff1d(split.eval_users, np.concatenate([test_users, valid_users]))
-    train_users = np.sort(np.random.default_rng(args.seed).choice(pool, size=min(args.mllm_train_users, len(pool)),
-                                                                  replace=False))
+    # Training prompts come from the *training* split (each user's last training item, never a validation or
+    # test item), as SASRec's do: the test and validation users first (their validation and test summaries
+    # then extend cached training ones, one call each), topped up with a seeded sample of the others.
+    train_users = select_train_users(split, args.mllm_train_users, test_users, valid_users, args.seed)
     best = folder / "adapter"
     with SemanticCache(work / "summaries.sqlite") as cache, \
             msr.build_summariser(options.summaries, cache, items) as summariser:

@@ -498,3 +498,27 @@ def test_shared_prefix_kv_cache_gives_the_same_scores(split: LeaveOneOutSplit) -
     reused = recommender.score_prompts(prompts, batch_size=5)
     torch.testing.assert_close(reused, plain, atol=1e-5, rtol=1e-4)
     assert plain.std() > 0
+
+
+def test_training_through_the_prefix_cache_gives_the_same_loss_and_gradients(split: LeaveOneOutSplit) -> None:
+    """A group's logits through the cached prefix, and the LoRA gradients they give, equal whole prompts'."""
+    recommender = _recommender(split, seed=2, lora=LoRAOptions(dropout=0.0))
+    sequence = [int(i) for i in split.dataset.sequences[2]]
+    texts = [recommender.prompt(f"{SUMMARY_PREFIX} comedies.", sequence[:5], c).text for c in (3, 11, 17, 26)]
+    target = torch.tensor([recommender.yes_id, recommender.no_id, recommender.no_id, recommender.yes_id])
+    lora = [p for p in recommender.model.parameters() if p.requires_grad]
+    recommender.model.train()
+    results = []
+    for grouped in (False, True):
+        recommender.model.zero_grad()
+        if grouped:
+            rows, logits = next(recommender._group_logits(texts, len(texts)))
+            logits = logits[torch.argsort(torch.tensor(rows))]
+        else:
+            logits = recommender._logits(recommender._encode(texts))
+        torch.nn.functional.cross_entropy(logits.float(), target).backward()
+        results.append((logits.detach(), [p.grad.clone() for p in lora]))
+    torch.testing.assert_close(results[1][0], results[0][0], atol=1e-5, rtol=1e-4)
+    for grouped, plain in zip(results[1][1], results[0][1], strict=True):
+        torch.testing.assert_close(grouped, plain, atol=1e-6, rtol=1e-3)
+    assert any(float(g.abs().sum()) > 0 for g in results[1][1])

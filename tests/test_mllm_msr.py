@@ -481,3 +481,44 @@ def test_a_multimodal_run_attaches_candidate_images_and_records_them(qwen_and_po
     assert "candidate_image = true" in (run_dir / "config.toml").read_text()
     assert json.loads((run_dir / "final.json").read_text())["candidate_images"] == images
     assert set(result["metrics"]) == {"valid/sampled", "test/sampled"}
+
+
+def test_shared_prefix_kv_cache_gives_the_same_scores(split: LeaveOneOutSplit) -> None:
+    """Scoring one user's candidates from the KV cache of their shared prompt prefix changes no score."""
+    recommender = _recommender(split, seed=1)
+    prompts = []
+    for user in range(4):  # 4 users x 9 candidates, candidate texts of different lengths, shuffled together
+        sequence = [int(i) for i in split.dataset.sequences[user]]
+        summary = f"{SUMMARY_PREFIX} {'drama ' * user}films."
+        prompts += [recommender.prompt(summary, sequence[:4 + user], c) for c in range(1 + user, 40, 4)]
+    order = np.random.default_rng(0).permutation(len(prompts))
+    prompts = [prompts[i] for i in order]
+    assert recommender.reuses_prefix(prompts) and len(recommender.prefix_groups(prompts)) == 4
+    plain = recommender.score_prompts(prompts, batch_size=5, reuse_prefix=False)
+    reused = recommender.score_prompts(prompts, batch_size=5)
+    torch.testing.assert_close(reused, plain, atol=1e-5, rtol=1e-4)
+    assert plain.std() > 0
+
+
+def test_training_through_the_prefix_cache_gives_the_same_loss_and_gradients(split: LeaveOneOutSplit) -> None:
+    """A group's logits through the cached prefix, and the LoRA gradients they give, equal whole prompts'."""
+    recommender = _recommender(split, seed=2, lora=LoRAOptions(dropout=0.0))
+    sequence = [int(i) for i in split.dataset.sequences[2]]
+    texts = [recommender.prompt(f"{SUMMARY_PREFIX} comedies.", sequence[:5], c).text for c in (3, 11, 17, 26)]
+    target = torch.tensor([recommender.yes_id, recommender.no_id, recommender.no_id, recommender.yes_id])
+    lora = [p for p in recommender.model.parameters() if p.requires_grad]
+    recommender.model.train()
+    results = []
+    for grouped in (False, True):
+        recommender.model.zero_grad()
+        if grouped:
+            rows, logits = next(recommender._group_logits(texts, len(texts)))
+            logits = logits[torch.argsort(torch.tensor(rows))]
+        else:
+            logits = recommender._logits(recommender._encode(texts))
+        torch.nn.functional.cross_entropy(logits.float(), target).backward()
+        results.append((logits.detach(), [p.grad.clone() for p in lora]))
+    torch.testing.assert_close(results[1][0], results[0][0], atol=1e-5, rtol=1e-4)
+    for grouped, plain in zip(results[1][1], results[0][1], strict=True):
+        torch.testing.assert_close(grouped, plain, atol=1e-6, rtol=1e-3)
+    assert any(float(g.abs().sum()) > 0 for g in results[1][1])

@@ -86,7 +86,7 @@ from prismrec.llmrec.mllm_msr.prompts import (
     RecommenderPrompt,
     prompt_text,
 )
-from prismrec.llmrec.mllm_msr.recommender import MLLMMSR, CandidateImages, PromptSample
+from prismrec.llmrec.mllm_msr.recommender import MLLMMSR, CandidateImages, PromptSample, common_prefix_length
 from prismrec.llmrec.mllm_msr.run import evaluate_mllm_msr_run, load_split, run_mllm_msr
 from prismrec.llmrec.mllm_msr.scoring import (
     MLLMMSRScorer,
@@ -125,6 +125,7 @@ __all__ = [
     "UserSummariser",
     "build_summariser",
     "build_training_samples",
+    "common_prefix_length",
     "evaluate_mllm_msr_run",
     "fit_with_progress",
     "load_mllm_msr_config",

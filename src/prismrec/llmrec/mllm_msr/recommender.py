@@ -8,7 +8,7 @@ import random
 import time
 import warnings
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,6 +50,18 @@ class PromptSample:
 
     prompt: RecommenderPrompt | str
     label: bool | None = None
+
+
+PREFIX_END = "Candidate item:"  # the recommender templates write the candidate after it (prompts.py)
+
+
+def common_prefix_length(sequences: Sequence[Sequence[int]]) -> int:
+    """Tokens that every sequence starts with, leaving each sequence at least one token of its own."""
+    first, shortest = sequences[0], min(len(s) for s in sequences)
+    length = 0
+    while length < shortest - 1 and all(s[length] == first[length] for s in sequences):
+        length += 1
+    return length
 
 
 class CandidateImages:
@@ -191,11 +203,88 @@ class MLLMMSR:
                     counts[row] += image_token_count(self.image_processor, image) - 1
         return counts
 
+    # --- shared prompt prefixes (one user's candidates): run once, reuse the KV cache -----------------
+    def reuses_prefix(self, prompts: Sequence[RecommenderPrompt | str], wanted: bool | None = None) -> bool:
+        """Whether these prompts take the shared-prefix path: ``wanted`` (default the option) and text-only
+        prompts on a text-only LLM (a multimodal LLM computes its own 3-D positions)."""
+        wanted = self.options.reuse_prompt_prefix if wanted is None else wanted
+        return (wanted and not is_image_text_to_text_model(self.model)
+                and all(isinstance(p, str) or p.image_item is None for p in prompts))
+
+    @staticmethod
+    def prefix_groups(prompts: Sequence[RecommenderPrompt | str]) -> list[list[int]]:
+        """Prompt indices grouped by the text before the candidate (in first-seen order).
+
+        Only the grouping uses the text; the shared part itself is found on the token ids, so a group whose
+        prompts share less than expected is still scored exactly.
+        """
+        groups: dict[str, list[int]] = {}
+        for index, prompt in enumerate(prompts):
+            groups.setdefault(prompt_text(prompt).split(PREFIX_END, 1)[0], []).append(index)
+        return list(groups.values())
+
+    def _prefix_cache(self, prefix: Sequence[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per layer (keys, values) of ``prefix`` (batch 1); with gradients when called in training."""
+        ids = torch.tensor([list(prefix)], device=self.device)
+        output = self.model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True, logits_to_keep=1)
+        cache = output.past_key_values
+        return [(layer.keys, layer.values) for layer in cache.layers]
+
+    def _suffix_logits(self, cache: list[tuple[torch.Tensor, torch.Tensor]], prefix_length: int,
+                       suffixes: Sequence[Sequence[int]]) -> torch.Tensor:
+        """(B, vocab) next-token logits of prefix + each suffix, the suffixes left-padded in one batch.
+
+        The attention mask covers the prefix, then each suffix's padding (masked) and tokens; positions
+        continue from the prefix, so every row sees exactly the tokens (and positions) of its whole prompt.
+        """
+        from transformers import DynamicCache
+
+        rows, width = len(suffixes), max(len(s) for s in suffixes)
+        pad = int(self.tokenizer.pad_token_id)
+        ids = torch.tensor([[pad] * (width - len(s)) + list(s) for s in suffixes], device=self.device)
+        own = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in suffixes], device=self.device)
+        mask = torch.cat([torch.ones(rows, prefix_length, dtype=own.dtype, device=self.device), own], dim=1)
+        positions = prefix_length + (own.cumsum(-1) - 1).clamp(min=0)
+        past = DynamicCache([(k.expand(rows, -1, -1, -1), v.expand(rows, -1, -1, -1)) for k, v in cache])
+        output = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=past,
+                            logits_to_keep=1)
+        return output.logits[:, -1, :]
+
+    def _group_logits(self, texts: Sequence[str], max_rows: int) -> Iterator[tuple[list[int], torch.Tensor]]:
+        """(rows, logits) chunks for prompts sharing a prefix: the prefix once, the rest ``max_rows`` at a time."""
+        ids = self.tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+        shared = common_prefix_length(ids) if len(ids) > 1 else 0
+        order = sorted(range(len(ids)), key=lambda r: len(ids[r]))
+        if shared == 0:
+            for start in range(0, len(order), max_rows):
+                rows = order[start:start + max_rows]
+                yield rows, self._logits(self._encode([texts[r] for r in rows]))
+            return
+        cache = self._prefix_cache(ids[0][:shared])
+        for start in range(0, len(order), max_rows):
+            rows = order[start:start + max_rows]
+            yield rows, self._suffix_logits(cache, shared, [ids[r][shared:] for r in rows])
+
     @torch.inference_mode()
     def score_prompts(self, prompts: Sequence[RecommenderPrompt | str], batch_size: int = 16,
-                      on_batch: Callable[[int], None] | None = None) -> torch.Tensor:
-        """p(yes) / (p(yes) + p(no)) per prompt (float32, CPU), ``batch_size`` prompts per forward pass."""
+                      on_batch: Callable[[int], None] | None = None,
+                      reuse_prefix: bool | None = None) -> torch.Tensor:
+        """p(yes) / (p(yes) + p(no)) per prompt (float32, CPU), ``batch_size`` prompts per forward pass.
+
+        With ``reuse_prefix`` (default: ``options.reuse_prompt_prefix``; text-only prompts on a text-only
+        LLM), prompts that share the text before the candidate (one user's candidates) run that part once
+        and reuse its KV cache: the same scores (within float rounding) for fewer tokens.
+        """
         self.model.eval()
+        if self.reuses_prefix(prompts, reuse_prefix):
+            out = torch.empty(len(prompts))
+            for group in self.prefix_groups(prompts):
+                for rows, logits in self._group_logits([prompt_text(prompts[i]) for i in group], batch_size):
+                    out[torch.tensor([group[r] for r in rows])] = yes_probability(logits, self.yes_id,
+                                                                                  self.no_id).float().cpu()
+                    if on_batch is not None:
+                        on_batch(len(rows))
+            return out
         scores: list[torch.Tensor] = []
         # Similar lengths together: less padding per batch (the order is restored below).
         order = sorted(range(len(prompts)), key=lambda i: len(prompt_text(prompts[i])))
@@ -212,22 +301,42 @@ class MLLMMSR:
 
     def fit(self, samples: list[PromptSample], options: MLLMMSRTrainingOptions, seed: int = 42,
             on_batch: Callable[[int, float], None] | None = None) -> dict[str, float]:
-        """LoRA fine-tuning, cross-entropy on the answer token only ("yes" or "no" after the prompt)."""
+        """LoRA fine-tuning, cross-entropy on the answer token only ("yes" or "no" after the prompt).
+
+        With the shared-prefix path (:meth:`reuses_prefix`), a batch is made of whole groups of prompts that
+        share their text before the candidate (a user's positive and its negatives), packed up to
+        ``batch_size`` prompts, and each group's prefix runs once (gradients flow through its KV cache);
+        otherwise batches are ``batch_size`` shuffled prompts.
+        """
         trainable = [p for p in self.model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(trainable, lr=options.lr, weight_decay=options.weight_decay)
         rng = random.Random(seed)
+        prompts = [s.prompt for s in samples]
+        grouped = self.reuses_prefix(prompts)
+        size = options.batch_size
+        groups = ([g[k:k + size] for g in self.prefix_groups(prompts) for k in range(0, len(g), size)]
+                  if grouped else [[i] for i in range(len(samples))])
         self.model.train()
         seen, loss_sum, started = 0, 0.0, time.perf_counter()
         for _epoch in range(options.epochs):
-            order = list(range(len(samples)))
+            order = list(groups)
             rng.shuffle(order)
-            for start in range(0, len(order), options.batch_size):
-                batch = [samples[i] for i in order[start:start + options.batch_size]]
-                inputs = self._encode([s.prompt for s in batch])
-                target = torch.tensor([self.yes_id if s.label else self.no_id for s in batch], device=self.device)
+            for batch_groups in _pack(order, size):
+                batch = [samples[i] for group in batch_groups for i in group]
                 # The answer token is the one right after the prompt: its logits are the prompt's last
                 # position, so only that position is projected onto the vocabulary (prompt tokens masked).
-                logits = self._logits(inputs)
+                if grouped:
+                    parts, labels = [], []
+                    for group in batch_groups:
+                        for rows, part in self._group_logits([prompt_text(samples[i].prompt) for i in group],
+                                                             len(group)):
+                            parts.append(part)
+                            labels += [bool(samples[group[r]].label) for r in rows]
+                    logits = torch.cat(parts)
+                else:
+                    labels = [bool(s.label) for s in batch]
+                    logits = self._logits(self._encode([s.prompt for s in batch]))
+                target = torch.tensor([self.yes_id if label else self.no_id for label in labels], device=self.device)
                 loss = torch.nn.functional.cross_entropy(logits.float(), target)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -254,3 +363,19 @@ class MLLMMSR:
         if self.images is not None:
             report.update(self.images.report())
         return report
+
+
+def _pack(groups: Sequence[list[int]], size: int) -> list[list[list[int]]]:
+    """Consecutive groups packed into batches of at most ``size`` prompts (a bigger group is a batch alone)."""
+    batches: list[list[list[int]]] = []
+    current: list[list[int]] = []
+    count = 0
+    for group in groups:
+        if current and count + len(group) > size:
+            batches.append(current)
+            current, count = [], 0
+        current.append(group)
+        count += len(group)
+    if current:
+        batches.append(current)
+    return batches

@@ -41,7 +41,7 @@ VARIANTS = {
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--set", dest="overrides", action="append",
-                        default=["model.max_len=50", "training.max_epochs=30", "training.patience=5",
+                        default=["model.max_len=50", "training.max_epochs=100", "training.patience=20",
                                  "training.num_threads=2"])
     parser.add_argument("--negatives", type=int, default=256)
     parser.add_argument("--variants", default="ce,sampled_ce_uniform,sampled_ce_popularity,sampled_ce_uniform_1024,"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -102,6 +102,16 @@ class _Evaluator:
         raise NotImplementedError
 
     @torch.no_grad()
+    def _batches(self, model: Scorer, stage: Stage, users: np.ndarray
+                 ) -> Iterator[tuple[np.ndarray, list[np.ndarray], np.ndarray, torch.Tensor]]:
+        """Per batch of users: the users, their histories, their targets and the left-padded inputs."""
+        for start in range(0, len(users), self.batch_size):
+            batch_users = users[start:start + self.batch_size]
+            pairs = [self.split.inputs_and_target(int(u), stage) for u in batch_users]
+            histories = [p[0] for p in pairs]
+            targets = np.array([p[1] for p in pairs], dtype=np.int64)
+            yield batch_users, histories, targets, pad_left(histories, model.max_len).to(self.device)
+
     def evaluate(self, model: Scorer, stage: Stage, users: np.ndarray | None = None) -> EvaluationResult:
         users = self.split.eval_users if users is None else np.asarray(users)
         was_training = getattr(model, "training", False)
@@ -109,12 +119,7 @@ class _Evaluator:
             model.eval()
         all_ranks: list[torch.Tensor] = []
         try:
-            for start in range(0, len(users), self.batch_size):
-                batch_users = users[start:start + self.batch_size]
-                pairs = [self.split.inputs_and_target(int(u), stage) for u in batch_users]
-                histories = [p[0] for p in pairs]
-                targets = np.array([p[1] for p in pairs], dtype=np.int64)
-                inputs = pad_left(histories, model.max_len).to(self.device)
+            for batch_users, histories, targets, inputs in self._batches(model, stage, users):
                 candidates = self._candidates(batch_users, targets)
                 scores = model.score(inputs, None if candidates is None else candidates.to(self.device))
                 all_ranks.append(self._ranks(scores.float().cpu(), batch_users, targets, histories))
@@ -332,12 +337,7 @@ class FullRankingEvaluator(_Evaluator):
         all_ranks: list[torch.Tensor] = []
         all_top: list[torch.Tensor] = []
         try:
-            for start in range(0, len(users), self.batch_size):
-                batch_users = users[start:start + self.batch_size]
-                pairs = [self.split.inputs_and_target(int(u), stage) for u in batch_users]
-                histories = [p[0] for p in pairs]
-                targets = np.array([p[1] for p in pairs], dtype=np.int64)
-                inputs = pad_left(histories, model.max_len).to(self.device)
+            for _users, histories, targets, inputs in self._batches(model, stage, users):
                 factors = model.score_factors(inputs) if hasattr(model, "score_factors") else None
                 blocks = factors if factors is not None else _CandidateBlocks(model, inputs)
                 result = chunked_full_ranking(blocks, n_items, targets, histories, self.chunk_size, k, self.device)

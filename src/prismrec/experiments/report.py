@@ -598,9 +598,9 @@ def write_report(spec: ExperimentSpec, results: Sequence[CellResult], dataset: s
     row_results = results if selection is None else report_results(results, selection)
     new_rows = build_rows(spec, row_results, dataset)
     if selection is not None:
+        by_group = {(m, b, tuple(sorted(a))): v for (m, b, a), v in selection.chosen.items()}
         for row in new_rows:
-            group = (row.method, row.backbone, tuple(sorted(row.axes.items())))
-            chosen = {(m, b, tuple(sorted(a))): v for (m, b, a), v in selection.chosen.items()}.get(group)
+            chosen = by_group.get((row.method, row.backbone, tuple(sorted(row.axes.items()))))
             if chosen is not None:
                 row.selected = {selection.axis: chosen}
     rows = [*(carried.rows if carried else []), *new_rows]

@@ -201,22 +201,11 @@ def build_rows(spec: ExperimentSpec, results: Sequence[CellResult], dataset: str
         if method != spec.proposed or metric not in spec.test_metrics:
             continue
         ours = by_seed[(backbone, method, axes, metric, mode, subset)]
-        # The best baseline is the one with the highest mean over the seeds it shares with the proposed
-        # method, the seeds the paired test can use (the same as its row mean once the grid is complete).
-        candidates = []
-        for baseline in baselines:
-            theirs = by_seed.get((backbone, baseline, axes, metric, mode, subset), {})
-            shared = [theirs[seed] for seed in ours if seed in theirs]
-            if shared:
-                candidates.append((float(np.mean(shared)), baseline))
-        if not candidates:
+        best = _strongest(ours, {b: by_seed.get((backbone, b, axes, metric, mode, subset), {}) for b in baselines})
+        if best is None:
             continue
-        best = max(candidates)[1]
-        theirs = by_seed[(backbone, best, axes, metric, mode, subset)]
         row.best_baseline = best
-        row.test_seeds = sorted(seed for seed in ours if seed in theirs)
-        row.test_mean = float(np.mean([ours[seed] for seed in row.test_seeds]))
-        row.baseline_test_mean = float(np.mean([theirs[seed] for seed in row.test_seeds]))
+        _set_test_seeds(row, ours, by_seed[(backbone, best, axes, metric, mode, subset)])
         _compare_users(row, groups[(backbone, method, axes)], groups[(backbone, best, axes)], resamples)
     if not baselines and spec.axes:
         _compare_settings(spec, index, by_seed, groups, resamples)
@@ -231,22 +220,31 @@ def _compare_settings(spec: ExperimentSpec, index: dict[Any, Row], by_seed: dict
         if method != spec.proposed or metric not in spec.test_metrics:
             continue
         ours = by_seed[(backbone, method, axes, metric, mode, subset)]
-        candidates = []
-        for (b, m, other, me, mo, su), theirs in by_seed.items():
-            if (b, m, me, mo, su) != (backbone, method, metric, mode, subset) or other == axes:
-                continue
-            shared = [theirs[seed] for seed in ours if seed in theirs]
-            if shared:
-                candidates.append((float(np.mean(shared)), other))
-        if not candidates:
+        others = {other: theirs for (b, m, other, me, mo, su), theirs in by_seed.items()
+                  if (b, m, me, mo, su) == (backbone, method, metric, mode, subset) and other != axes}
+        reference = _strongest(ours, others)
+        if reference is None:
             continue
-        reference = max(candidates)[1]
-        theirs = by_seed[(backbone, method, reference, metric, mode, subset)]
         row.reference_axes = dict(reference)
-        row.test_seeds = sorted(seed for seed in ours if seed in theirs)
-        row.test_mean = float(np.mean([ours[seed] for seed in row.test_seeds]))
-        row.baseline_test_mean = float(np.mean([theirs[seed] for seed in row.test_seeds]))
+        _set_test_seeds(row, ours, others[reference])
         _compare_users(row, groups[(backbone, method, axes)], groups[(backbone, method, reference)], resamples)
+
+
+def _strongest(ours: dict[int, float], others: dict[Any, dict[int, float]]) -> Any | None:
+    """The key of ``others`` (a baseline, or another setting of a sweep) with the highest mean over the seeds
+    it shares with ``ours``: the seeds the paired test can use (the row mean once the grid is complete)."""
+    candidates = []
+    for key, theirs in others.items():
+        shared = [theirs[seed] for seed in ours if seed in theirs]
+        if shared:
+            candidates.append((float(np.mean(shared)), str(key), key))
+    return max(candidates)[2] if candidates else None
+
+
+def _set_test_seeds(row: Row, ours: dict[int, float], theirs: dict[int, float]) -> None:
+    row.test_seeds = sorted(seed for seed in ours if seed in theirs)
+    row.test_mean = float(np.mean([ours[seed] for seed in row.test_seeds]))
+    row.baseline_test_mean = float(np.mean([theirs[seed] for seed in row.test_seeds]))
 
 
 def _compare_users(row: Row, proposed: Sequence[CellResult], baseline: Sequence[CellResult],

@@ -45,6 +45,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np
 import torch
 from rich.console import Console
+from scipy.stats import binomtest
 
 from _common import command_line
 from prismrec.data.loaders import load_sequences
@@ -52,7 +53,7 @@ from prismrec.data.paths import output_dir
 from prismrec.data.split import LeaveOneOutSplit, Stage
 from prismrec.evaluation.evaluators import SampledRankingEvaluator, pad_left
 from prismrec.evaluation.metrics import metrics_from_ranks, rank_of_positive
-from prismrec.evaluation.statistics import bootstrap_mean_ci
+from prismrec.evaluation.statistics import bootstrap_mean_ci, compare_paired
 from prismrec.llmrec import mllm_msr as msr
 from prismrec.llmrec import speeder as spd
 from prismrec.llmrec.causal_lm import PACKAGED_SMOLLM2, CausalLMOptions, LoRAOptions, add_lora, load_causal_lm
@@ -283,7 +284,8 @@ def run_speeder(split: LeaveOneOutSplit, args: argparse.Namespace, work: Path, s
         evaluator = SampledRankingEvaluator(split, num_negatives=NUM_NEGATIVES, seed=42, ks=(10,))
         inputs = histories(split, valid_users, "valid", options.max_len)
         candidates = torch.as_tensor(valid_candidates)
-        record: dict[str, Any] = {"rounds": [], "train_samples": 0}
+        # "budget_samples": the targets offered; "train_samples": those trained before early stopping.
+        record: dict[str, Any] = {"rounds": [], "train_samples": 0, "budget_samples": steps * batch_size}
         best_valid, started, seed = -1.0, time.perf_counter(), args.seed
         no_users = np.array([], dtype=np.int64)  # validation is done here, on the benchmark's own candidates
         for stage in stages:
@@ -348,6 +350,17 @@ def write_report(flat: dict[str, Any], args: argparse.Namespace, records: dict[s
             return f"{value:.3f} [{flat[f'{name}_{metric}_ci_low']:.3f}, {flat[f'{name}_{metric}_ci_high']:.3f}]"
         lines.append(f"| {name} | {cell('hit1', False)} | {cell('hit5', False)} | {cell('hit10', True)} | "
                      f"{cell('ndcg10', True)} |")
+    diffs = ["| comparison | H@10 difference [95% CI] | p (t / Wilcoxon) | N@10 difference [95% CI] "
+             "| p (t / Wilcoxon) |",
+             "|---|---:|---:|---:|---:|"]
+    for a, b in COMPARISONS:
+        cells = []
+        for metric in ("hit10", "ndcg10"):
+            key = f"{a}_minus_{b}_{metric}"
+            wilcoxon = flat.get(key + "_p_wilcoxon", float("nan"))
+            cells.append(f"{flat[key]:+.3f} [{flat[key + '_ci_low']:+.3f}, {flat[key + '_ci_high']:+.3f}] | "
+                         f"{flat[key + '_p']:.2g} / " + ("-" if wilcoxon != wilcoxon else f"{wilcoxon:.2g}"))
+        diffs.append(f"| {a} - {b} | {cells[0]} | {cells[1]} |")
     goals = [f"- MLLM-MSR H@10 lower CI bound above chance: {flat['mllm_msr_hit10_ci_low'] > flat['chance_hit10']}",
              f"- Speeder H@10 lower CI bound above chance: {flat['speeder_hit10_ci_low'] > flat['chance_hit10']}",
              f"- Speeder H@10 at or above popularity: {flat['speeder_hit10'] >= flat['popularity_hit10']}"]
@@ -358,18 +371,26 @@ evaluators' {NUM_NEGATIVES} cached negatives; validation on
 {args.valid_users} other users (their validation item + the same negatives). LLM: {model}, {args.threads} CPU
 thread(s). MLLM-MSR: {flat['train_samples_mllm_msr']} labelled prompts ({records['mllm_msr'].get('train_users')} users x
 (1 + {args.mllm_negatives})), lr {args.mllm_lr:g}, rounds of {args.mllm_round} prompts, best validation round kept
-(valid N@10 {records['mllm_msr'].get('best_valid_ndcg10', float('nan')):.4f}); user summaries over the last
-{args.history} training items. Speeder: {flat['train_samples_speeder']} next-item targets over its three MPO stages,
-validated every {args.speeder_round} steps, best kept (valid N@10
-{records['speeder'].get('best_valid_ndcg10', float('nan')):.4f}). SASRec: hidden 64, max_len 50, early-stopped on
+(valid N@10 {records['mllm_msr'].get('best_valid_ndcg10', float('nan')):.4f}; {flat['trained_samples_mllm_msr']}
+prompts trained when early stopping ended it); user summaries over the last {args.history} training items.
+Speeder: a budget of {flat['train_samples_speeder']} next-item targets over its three MPO stages, validated every
+{args.speeder_round} steps, best kept (valid N@10 {records['speeder'].get('best_valid_ndcg10', float('nan')):.4f};
+{flat['trained_samples_speeder']} targets trained when early stopping had ended each stage).
+SASRec: hidden 64, max_len 50, early-stopped on
 validation. Chance is exact (a uniformly random order of {NUM_NEGATIVES + 1}). 95% percentile bootstrap over users.
+
+Paired differences over the {flat['n_users']} test users (95% percentile bootstrap of the mean difference; against
+chance, its exact expectation, with an exact binomial test for H@10 and a one-sample t-test for N@10):
+
+{chr(10).join(diffs)}
 
 Goals of issue 25:
 
 {chr(10).join(goals)}
 
 Training curves (validation N@10 per round) are in the work directory's `mllm_msr/training.json` and
-`speeder/training.json`; whole benchmark {flat['total_seconds']:.0f} s."""
+`speeder/training.json`; whole benchmark {flat['total_seconds']:.0f} s (the sum over its invocations, listed in
+the work directory's `invocations.json`)."""
     args.results_dir.mkdir(parents=True, exist_ok=True)
     (args.results_dir / f"{args.name}.json").write_text(json.dumps(flat, indent=2, sort_keys=True) + "\n")
     command = command_line() if args.argv is None else shlex.join(
@@ -433,15 +454,60 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                                                    valid_candidates)
     scores["speeder"], speeder_record = run_speeder(split, args, work, sasrec_dir, test_users, test_candidates,
                                                     valid_users, valid_candidates)
+    # train_samples_*: the labelled prompts / next-item targets each model was offered (its budget);
+    # trained_samples_*: how many it had seen when validation-based early stopping ended its training.
+    speeder_budget = speeder_record.get("budget_samples", 8 * max(3, -(-args.speeder_targets // 8)))
     flat: dict[str, Any] = {"n_users": len(test_users), "n_candidates": int(test_candidates.shape[1]),
                             "train_samples_mllm_msr": mllm_record["train_samples"],
-                            "train_samples_speeder": speeder_record["train_samples"], "seed": args.seed,
+                            "trained_samples_mllm_msr": mllm_record["rounds"][-1]["samples"]
+                            if mllm_record.get("rounds") else 0,
+                            "train_samples_speeder": speeder_budget,
+                            "trained_samples_speeder": speeder_record["train_samples"], "seed": args.seed,
                             "llm": args.model, "size": args.size}
     for name in MODELS:
         flat.update(summarise(name, scores.get(name), chance, args.seed))
-    flat["total_seconds"] = time.perf_counter() - started
+    flat.update(compare(scores, chance, args.seed))
+    flat["total_seconds"] = add_invocation(work, time.perf_counter() - started)
     write_report(flat, args, {"mllm_msr": mllm_record, "speeder": speeder_record})
     return flat
+
+
+COMPARISONS = (("speeder", "popularity"), ("speeder", "sasrec"), ("sasrec", "popularity"),
+               ("mllm_msr", "popularity"), ("mllm_msr", "chance"), ("speeder", "chance"))
+
+
+def compare(scores: dict[str, np.ndarray], chance: dict[str, float], seed: int) -> dict[str, float]:
+    """Paired differences over the test users (H@10, N@10): mean, 95% bootstrap interval, paired t-test and
+    Wilcoxon p-values. Against chance the other side is its exact expectation for every user (H@10: exact
+    binomial test, N@10: one-sample t-test)."""
+    out: dict[str, float] = {}
+    metrics = {name: per_user_metrics(values) for name, values in scores.items()}
+    for a, b in COMPARISONS:
+        for metric in ("hit@10", "ndcg@10"):
+            ours = metrics[a][metric]
+            theirs = metrics[b][metric] if b in metrics else np.full_like(ours, chance[metric])
+            result = compare_paired(ours, theirs, seed=seed)
+            key = f"{a}_minus_{b}_{_key(metric)}"
+            out[key] = result.diff
+            out[f"{key}_ci_low"], out[f"{key}_ci_high"] = result.ci95_low, result.ci95_high
+            out[f"{key}_p"], out[f"{key}_p_wilcoxon"] = result.p_value, result.p_value_wilcoxon
+            if b == "chance":
+                # Against a constant the signed-rank test is meaningless for 0/1 hits (every hit outranks every
+                # miss); H@10 gets the exact binomial test, N@10 the one-sample t-test.
+                del out[f"{key}_p_wilcoxon"]
+                if metric == "hit@10":
+                    out[f"{key}_p"] = float(binomtest(int(ours.sum()), len(ours), chance[metric]).pvalue)
+    return out
+
+
+def add_invocation(work: Path, seconds: float) -> float:
+    """Append this invocation's wall time to ``work/invocations.json``; the benchmark's time is their sum
+    (a resumed benchmark counts every sitting; one that only re-reads finished scores adds a few seconds)."""
+    path = work / "invocations.json"
+    invocations = json.loads(path.read_text()) if path.exists() else []
+    invocations.append({"finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "seconds": seconds})
+    path.write_text(json.dumps(invocations, indent=2) + "\n")
+    return float(sum(i["seconds"] for i in invocations))
 
 
 if __name__ == "__main__":

@@ -181,6 +181,12 @@ def select_train_users(split: LeaveOneOutSplit, count: int, test_users: np.ndarr
     return np.sort(np.concatenate([first, extra]).astype(np.int64))
 
 
+def user_grouped_order(firsts: Sequence[int], group: int, n_samples: int) -> list[int]:
+    """Sample indices user by user, in the order of ``firsts`` (each user's first sample; a user's ``group``
+    samples are consecutive): how a round is cut so that it holds whole users."""
+    return [i for first in firsts for i in range(first, min(first + group, n_samples))]
+
+
 def score_mllm_msr(model: msr.MLLMMSR, summariser: msr.UserSummariser, split: LeaveOneOutSplit, users: np.ndarray,
                    candidates: np.ndarray, stage: Stage, args: argparse.Namespace) -> torch.Tensor:
     scorer = msr.MLLMMSRScorer(model, summariser, split, stage, NUM_NEGATIVES + 1, console, args.quiet)
@@ -219,7 +225,7 @@ def run_mllm_msr(split: LeaveOneOutSplit, args: argparse.Namespace, work: Path, 
             users_order = list(range(0, len(samples), group))
             for epoch in range(args.mllm_epochs):
                 random.Random(args.seed + epoch).shuffle(users_order)
-                order = [i for first in users_order for i in range(first, min(first + group, len(samples)))]
+                order = user_grouped_order(users_order, group, len(samples))
                 for start in range(0, len(order), args.mllm_round):
                     chunk = [samples[i] for i in order[start:start + args.mllm_round]]
                     fitted = model.fit(chunk, training, seed=args.seed + epoch * 1000 + start)

@@ -142,9 +142,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         train_items = np.array([split.train_sequence(int(train_users[u]))[-1] if k == 0 else -1
                                 for u in scored_users for k in range(group)])
         # the candidate of every scored prompt, for the popularity reference (negatives in sample order)
+        by_text = {items.text(i): i for i in range(1, split.dataset.n_items + 1)}
         candidates = []
         for row, sample in enumerate(scored):
-            candidates.append(int(train_items[row]) if sample.label else _candidate_item(sample, items, split))
+            candidates.append(int(train_items[row]) if sample.label else _candidate_item(sample, by_text))
         train_popularity = counts[np.array(candidates)]
         valid_labels = np.zeros(valid_candidates.shape, dtype=bool)
         valid_labels[:, 0] = True
@@ -180,7 +181,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         # The benchmark's first round (the same users, in the same shuffled order), other learning rates.
         users_order = list(range(0, len(samples), group))
         random.Random(args.seed).shuffle(users_order)
-        order = [i for first in users_order for i in range(first, min(first + group, len(samples)))]
+        order = bench.user_grouped_order(users_order, group, len(samples))
         first_round = [samples[i] for i in order[:args.mllm_round]]
         lr_check: dict[str, dict[str, Any]] = {}
         for lr in [float(x) for x in own.lrs.split(",") if x]:
@@ -204,12 +205,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     return flat
 
 
-def _candidate_item(sample: msr.PromptSample, items: msr.ItemTexts, split: LeaveOneOutSplit) -> int:
+def _candidate_item(sample: msr.PromptSample, by_text: dict[str, int]) -> int:
     """The item a prompt's candidate text belongs to (prompts keep the text only)."""
     text = prompt_text(sample.prompt).split(PREFIX_END, 1)[1].split("\nWill the user", 1)[0].strip()
-    if not hasattr(items, "_by_text"):
-        items._by_text = {items.text(i): i for i in range(1, split.dataset.n_items + 1)}  # type: ignore[attr-defined]
-    return int(items._by_text[text])  # type: ignore[attr-defined]
+    return int(by_text[text])
 
 
 def write_report(flat: dict[str, Any], own: argparse.Namespace, args: argparse.Namespace, group: int) -> None:

@@ -43,3 +43,12 @@ def write_movielens(root: Path, ratings: str, movies: str | None = None) -> Path
         movies = "movieId,title,genres\n" + "".join(f"{i},Movie {i} (2000),Drama\n" for i in range(1, 40))
     (folder / "movies.csv").write_text(movies, encoding="utf-8")
     return folder
+
+
+def write_walk_movielens(root: Path, users: int, movies: int, steps: int = 14) -> Path:
+    """Users walking through ``movies`` movies in order, each from its own start: the next item is learnable."""
+    rows = ["userId,movieId,rating,timestamp"]
+    for user in range(1, users + 1):
+        for step in range(steps):
+            rows.append(f"{user},{(user * 7 + step) % movies + 1},4,{1000 + 10 * step}")
+    return write_movielens(root, "\n".join(rows) + "\n")

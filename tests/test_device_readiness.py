@@ -32,7 +32,7 @@ from prismrec.models.losses import NegativeSampler
 from prismrec.training import Trainer
 from semantics_fixtures import write_artefact
 
-from conftest import write_movielens
+from conftest import write_walk_movielens
 
 DEVICE = os.environ.get("PRISMREC_TEST_DEVICE", "meta")
 TINY = {"hidden_size": 16, "max_len": 10, "dropout": 0.0}
@@ -51,11 +51,7 @@ CASES = [("sasrec", None), ("gru4rec", None), ("bert4rec", None), ("popularity",
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> tuple[LeaveOneOutSplit, Path]:
     root = tmp_path_factory.mktemp("device")
-    rows = ["userId,movieId,rating,timestamp"]
-    for user in range(1, 41):
-        for step in range(14):
-            rows.append(f"{user},{(user * 7 + step) % 39 + 1},4,{1000 + 10 * step}")
-    write_movielens(root, "\n".join(rows) + "\n")
+    write_walk_movielens(root, users=40, movies=39)
     split = LeaveOneOutSplit(load_sequences("movielens-small", root))
     artefact = write_artefact(root / "artefact", [str(i) for i in split.dataset.item_ids[1:]], dim=12)
     return split, artefact

@@ -17,7 +17,7 @@ from prismrec.options import ConfigError
 from prismrec.training import Trainer
 from semantics_fixtures import write_artefact
 
-from conftest import write_movielens
+from conftest import write_walk_movielens
 
 
 def _gap(kind: str, num: int, repeats: int = 20) -> float:
@@ -93,11 +93,7 @@ def test_config_names_the_bad_sampled_ce_options():
 def walk(tmp_path_factory) -> tuple[LeaveOneOutSplit, Path]:
     """60 users walking through 59 movies in order from different starts: the next item is learnable."""
     root = tmp_path_factory.mktemp("walk")
-    rows = ["userId,movieId,rating,timestamp"]
-    for user in range(1, 61):
-        for step in range(14):
-            rows.append(f"{user},{(user * 7 + step) % 59 + 1},4,{1000 + 10 * step}")
-    write_movielens(root, "\n".join(rows) + "\n")
+    write_walk_movielens(root, users=60, movies=59)
     split = LeaveOneOutSplit(load_sequences("movielens-small", root))
     return split, write_artefact(root / "artefact", [str(i) for i in split.dataset.item_ids[1:]], dim=12)
 

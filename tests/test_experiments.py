@@ -259,7 +259,7 @@ def test_grid_runs_reuses_extends_and_reports(tmp_path):
     assert f"| {gru_ndcg['n_users']} | {gru_ndcg['diff_vs_baseline']:+.4f} [" in table
     assert "GRU-sasrec-s44" in table and "Not finished" not in table  # wall time per cell
     assert "Tests on fewer seeds" not in table
-    for figure in ("longtail.png", "tiny.png"):
+    for figure in ("tiny.longtail.png", "tiny.png"):  # named after the experiment: no clash in a shared --out
         assert (out / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

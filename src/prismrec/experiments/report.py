@@ -554,7 +554,10 @@ def write_figures(spec: ExperimentSpec, rows: Sequence[Row], out_dir: Path) -> l
             fig.savefig(path, dpi=120)
             plt.close(fig)
             written.append(path)
-    for kind, subset, filename in (("longtail", "longtail", "longtail.png"), ("methods", "all", f"{spec.name}.png")):
+    # The long-tail chart is `longtail.png` for the longtail experiment itself and `<experiment>.longtail.png` for
+    # any other, so experiments sharing one --out folder (reports/movielens) never overwrite each other's figure.
+    longtail_name = "longtail.png" if spec.name == "longtail" else f"{spec.name}.longtail.png"
+    for kind, subset, filename in (("longtail", "longtail", longtail_name), ("methods", "all", f"{spec.name}.png")):
         if kind not in spec.figures:
             continue
         chosen = [r for r in rows if r.subset == subset and r.mode == "sampled" and not r.axes]

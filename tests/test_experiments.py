@@ -542,3 +542,34 @@ def test_select_must_name_an_axis(tmp_path):
     """)
     with pytest.raises(ConfigError, match=r"select\.axis = 'los' is not one of the axes"):
         load_experiment(path)
+
+
+def test_axis_columns_follow_the_header_order(tmp_path):
+    """Two axes whose names sort against their order in the file (window before loss): every value sits under
+    its own column (the recipes table once printed the losses under `window`)."""
+    from prismrec.experiments.report import Row, _metric_table
+
+    path = _experiment(tmp_path, "order", """
+        seeds = [42]
+        proposed = "None"
+        metrics = ["hit@10"]
+        [[methods]]
+        name = "None"
+        config = "movielens_{backbone}.toml"
+        [[backbones]]
+        name = "sasrec"
+        [[axes]]
+        name = "window"
+        key = "training.window"
+        values = ["last", "sliding"]
+        [[axes]]
+        name = "loss"
+        key = "training.loss"
+        values = ["bce", "ce"]
+    """)
+    spec = load_experiment(path)
+    rows = [Row("sasrec", "None", "hit@10", mode, 0.5, 0.0, None, None, axes={"window": "sliding", "loss": "ce"},
+                n_seeds=1) for mode in ("sampled", "full")]
+    header, _, line = _metric_table(spec, rows, "all")
+    assert header.startswith("| Backbone | Method | window | loss |")
+    assert line.startswith("| sasrec | None | sliding | ce |")

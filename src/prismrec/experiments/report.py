@@ -292,7 +292,9 @@ def _metric_table(spec: ExperimentSpec, rows: Sequence[Row], subset: str, n_seed
                       key=lambda s: ([b.name for b in spec.backbones].index(s[0]),
                                      [m.name for m in spec.methods].index(s[1]), s[2]))
     for backbone, method, axes in settings:
-        cells = [spec.backbone_label(backbone), spec.method_label(method), *(str(v) for _, v in axes)]
+        # Values in the header's order (the spec's axes), not the sorted key order the rows are grouped by.
+        cells = [spec.backbone_label(backbone), spec.method_label(method),
+                 *(str(dict(axes).get(name, "")) for name in axis_names)]
         if selected:
             chosen = {str(r.selected.get(selected, "")) for r in rows
                       if (r.backbone, r.method, tuple(sorted(r.axes.items()))) == (backbone, method, axes)}

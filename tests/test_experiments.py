@@ -535,6 +535,41 @@ def test_select_axis_is_chosen_on_validation_and_only_the_choice_trains_later_se
     assert again["trained"] == [] and again["selection"].chosen == selection.chosen
 
 
+def test_cells_waiting_for_a_selection_count_once_per_seed(tmp_path):
+    """A report written part-way through a [select] grid names what is left to train: a method whose selection
+    cells are not finished has one cell per later seed left (whichever value wins), not one per value."""
+    from typer.testing import CliRunner
+
+    from prismrec.cli.app import app
+
+    path = _experiment(tmp_path, "waiting", GRID.format(tiny=json.dumps(TINY)) + """
+    [select]
+    axis = "loss"
+    seeds = [42]
+
+    [[axes]]
+    name = "loss"
+    key = "training.loss"
+    values = ["bce", "ce"]
+    """)
+    out, runs, records = tmp_path / "report", tmp_path / "runs", tmp_path / "records"
+    done = reproduce(path, "movielens-small", seeds=[42], out_dir=out, runs_root=runs, quiet=True, methods=["None"],
+                     records=records)
+    assert sorted(done["trained"]) == ["None-sasrec-lossbce-s42", "None-sasrec-lossce-s42"]
+    partial = reproduce(path, "movielens-small", seeds=[42, 43], out_dir=out, runs_root=runs, quiet=True,
+                        finished_only=True, records=records)
+    chosen = partial["selection"].chosen[("None", "sasrec", ())]
+    # GRU: both selection cells, then one seed-43 cell with its loss still to choose; None: its chosen loss.
+    assert sorted(c.cell_id for c in partial["missing"]) == sorted(
+        ["GRU-sasrec-lossbce-s42", "GRU-sasrec-lossce-s42", "GRU-sasrec-s43", f"None-sasrec-loss{chosen}-s43"])
+    table = (out / "waiting.md").read_text()
+    assert "Not finished yet: 4 cell(s)" in table and "a cell named without `loss` trains with the value" in table
+    dry = CliRunner().invoke(app, ["reproduce", str(path), "--dataset", "movielens-small", "--seeds", "42,43",
+                                   "--records", str(records), "--dry-run"])
+    assert dry.exit_code == 0, dry.output
+    assert "later: 1 cells train" in dry.output and "5 cells: 2 done, 3 left" in dry.output
+
+
 def test_select_must_name_an_axis(tmp_path):
     path = _experiment(tmp_path, "badselect", GRID.format(tiny=json.dumps(TINY)) + """
     [select]

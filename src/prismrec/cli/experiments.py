@@ -110,8 +110,7 @@ def reproduce(
                 done += finished
                 console.print(f"{'done' if finished else 'todo'}  {cell.cell_id}  ({cell.config.config_hash()})")
             if waiting and spec.select is not None:
-                values = next(len(a.values) for a in spec.axes if a.name == spec.select.axis)
-                console.print(f"later: {len(waiting) // values} cells train once the selection cells have chosen "
+                console.print(f"later: {len(waiting)} cells train once the selection cells have chosen "
                               f"{spec.select.axis} (listed above: the selection cells and the chosen ones)")
             console.print(f"{len(cells)} cells: {done} done, {len(cells) - done} left")
             for name, needed_by in checker.missing_artefacts().items():

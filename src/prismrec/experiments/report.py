@@ -510,7 +510,9 @@ def markdown_table(spec: ExperimentSpec, rows: Sequence[Row], records: Sequence[
     lines += _partial_tests(spec, rows, subsets)
     if missing:
         lines += ["", f"Not finished yet: {len(missing)} cell(s) of this grid are left out of the rows above (report "
-                  "written with `--finished-only`; rerun without it to train them):", "",
+                  "written with `--finished-only`; rerun without it to train them)"
+                  + (f"; a cell named without `{selection.axis}` trains with the value its method's selection "
+                     "cells choose" if selection is not None else "") + ":", "",
                   ", ".join(c.cell_id for c in missing)]
     borrowed = any(not str(r["run_dir"]).startswith(f"{r['cell']}-") for r in records)
     lines += ["", "Wall-clock time per cell (training + evaluation; cells reused from earlier invocations keep the "

@@ -120,8 +120,13 @@ def choose(spec: ExperimentSpec, cells: Sequence[Cell], results: Sequence[CellRe
 
 def chosen_cells(cells: Sequence[Cell], selection: Selection) -> tuple[list[Cell], list[Cell]]:
     """The cells of the non-selection seeds to run (the chosen value of decided groups), and those waiting for a
-    choice (undecided groups: every value, none runs)."""
-    run, waiting = [], []
+    choice (undecided groups), none of which runs yet.
+
+    Only one value of an undecided group will ever train per seed, so each waiting (group, seed) is one cell,
+    named without the selected axis (``None-bert4rec-s43``): counting every value would overstate what is left.
+    """
+    run: list[Cell] = []
+    waiting: dict[tuple[GroupKey, int], Cell] = {}
     for cell in cells:
         if cell.seed in selection.seeds:
             continue
@@ -130,8 +135,8 @@ def chosen_cells(cells: Sequence[Cell], selection: Selection) -> tuple[list[Cell
             if axis_value(cell, selection.axis) == selection.chosen[group]:
                 run.append(cell)
         else:
-            waiting.append(cell)
-    return run, waiting
+            waiting.setdefault((group, cell.seed), dataclasses.replace(cell, axis_values=group[2]))
+    return run, list(waiting.values())
 
 
 def report_results(results: Sequence[CellResult], selection: Selection) -> list[CellResult]:

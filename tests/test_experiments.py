@@ -488,11 +488,8 @@ def test_a_cell_another_process_is_training_is_not_trained_twice(tmp_path):
     assert first.cell_id in done["trained"] and (busy / "final.json").exists()
 
 
-def test_select_axis_is_chosen_on_validation_and_only_the_choice_trains_later_seeds(tmp_path):
-    """[select]: both losses train on the selection seed, the one with the higher validation NDCG@10 is kept per
-    method, the other seed trains only it, and the report's rows are over the chosen cells (no loss column, the
-    choice beside the row; every trained cell in the time table)."""
-    path = _experiment(tmp_path, "selected", GRID.format(tiny=json.dumps(TINY)) + """
+# A grid whose loss is chosen on seed 42's validation (the strong protocol's rule), appended to GRID.
+LOSS_CHOSEN_ON_SEED_42 = """
     [select]
     axis = "loss"
     seeds = [42]
@@ -501,7 +498,14 @@ def test_select_axis_is_chosen_on_validation_and_only_the_choice_trains_later_se
     name = "loss"
     key = "training.loss"
     values = ["bce", "ce"]
-    """)
+    """
+
+
+def test_select_axis_is_chosen_on_validation_and_only_the_choice_trains_later_seeds(tmp_path):
+    """[select]: both losses train on the selection seed, the one with the higher validation NDCG@10 is kept per
+    method, the other seed trains only it, and the report's rows are over the chosen cells (no loss column, the
+    choice beside the row; every trained cell in the time table)."""
+    path = _experiment(tmp_path, "selected", GRID.format(tiny=json.dumps(TINY)) + LOSS_CHOSEN_ON_SEED_42)
     out, runs = tmp_path / "report", tmp_path / "runs"
     report = reproduce(path, "movielens-small", out_dir=out, runs_root=runs, quiet=True)
     selection = report["selection"]
@@ -542,16 +546,7 @@ def test_cells_waiting_for_a_selection_count_once_per_seed(tmp_path):
 
     from prismrec.cli.app import app
 
-    path = _experiment(tmp_path, "waiting", GRID.format(tiny=json.dumps(TINY)) + """
-    [select]
-    axis = "loss"
-    seeds = [42]
-
-    [[axes]]
-    name = "loss"
-    key = "training.loss"
-    values = ["bce", "ce"]
-    """)
+    path = _experiment(tmp_path, "waiting", GRID.format(tiny=json.dumps(TINY)) + LOSS_CHOSEN_ON_SEED_42)
     out, runs, records = tmp_path / "report", tmp_path / "runs", tmp_path / "records"
     done = reproduce(path, "movielens-small", seeds=[42], out_dir=out, runs_root=runs, quiet=True, methods=["None"],
                      records=records)

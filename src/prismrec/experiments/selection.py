@@ -124,6 +124,7 @@ def chosen_cells(cells: Sequence[Cell], selection: Selection) -> tuple[list[Cell
 
     Only one value of an undecided group will ever train per seed, so each waiting (group, seed) is one cell,
     named without the selected axis (``None-bert4rec-s43``): counting every value would overstate what is left.
+    Its ``config`` is still the first value's: a waiting cell names and counts what is left, it never runs.
     """
     run: list[Cell] = []
     waiting: dict[tuple[GroupKey, int], Cell] = {}

@@ -21,6 +21,7 @@ from prismrec.experiments import (
     restrict_backbones,
     restrict_methods,
 )
+from prismrec.experiments.report import Row, _significance_table
 from prismrec.experiments.runner import PER_USER_FILE, CellBusyError, NotFinishedError, cell_dir
 from prismrec.options import ConfigError
 
@@ -603,3 +604,29 @@ def test_axis_columns_follow_the_header_order(tmp_path):
     header, _, line = _metric_table(spec, rows, "all")
     assert header.startswith("| Backbone | Method | window | loss |")
     assert line.startswith("| sasrec | None | sliding | ce |")
+
+
+def test_a_partial_grid_says_its_best_baseline_is_the_best_of_the_finished_ones():
+    """A grid part-way through compares the proposed method with the best *finished* baseline; the report must
+    say so and name the baselines still missing, or a `*` reads as a win over baselines never run."""
+    spec = load_experiment(CONFIGS / "experiments" / "table2_strong.toml")
+
+    def compared(backbone: str, baseline: str) -> Row:
+        return Row(backbone, "DMESR", "hit@10", "sampled", 0.75, 0.0, None, p_value=0.01, n_seeds=1,
+                   best_baseline=baseline, test_seeds=[42], n_users=610, p_value_wilcoxon=0.02,
+                   diff_vs_baseline=0.05, diff_ci95_low=0.02, diff_ci95_high=0.08, min_detectable_diff=0.03)
+
+    def plain(backbone: str, method: str) -> Row:
+        return Row(backbone, method, "hit@10", "sampled", 0.7, 0.0, None, n_seeds=1)
+
+    all_baselines = ["None", "CPMM+ID", "QARM+ID", "X-REFLECT+ID"]
+    rows = [compared("sasrec", "X-REFLECT+ID"), *(plain("sasrec", m) for m in all_baselines),
+            compared("bert4rec", "None"), plain("bert4rec", "None"), plain("bert4rec", "QARM+ID")]
+    table = "\n".join(_significance_table(spec, rows, ["all"]))
+    assert "| BERT4Rec | all | H@10 s100 | None (of the finished) | 42 |" in table
+    assert "| SASRec | all | H@10 s100 | X-REFLECT+ID | 42 |" in table
+    assert ("BERT4Rec: the best baseline is the best of the finished ones only; not finished on this backbone: "
+            "CPMM+ID, X-REFLECT+ID.") in table
+    assert "SASRec: the best baseline" not in table
+    # The paper-form reference row is not a baseline: its absence is not reported.
+    assert "DMESR (paper form)" not in table

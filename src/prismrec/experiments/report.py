@@ -389,13 +389,15 @@ def _significance_table(spec: ExperimentSpec, rows: Sequence[Row], subsets: Sequ
              "Δ [95% CI] | p (t) | p (Wilcoxon) | MDD |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     order = {b.name: i for i, b in enumerate(spec.backbones)}
+    missing = {} if sweep else _missing_baselines(spec, rows)
     for row in sorted(compared, key=lambda r: (order.get(r.backbone, 99), SUBSETS.index(r.subset),
                                                tuple(sorted(r.axes.items())), r.metric, MODES.index(r.mode))):
         where = ", ".join([spec.backbone_label(row.backbone), *(f"{k}={v}" for k, v in sorted(row.axes.items()))])
         short = SHORT.get(row.metric, row.metric)
         mode = "s100" if row.mode == "sampled" else "full"
         lines.append(f"| {where} | {'long tail' if row.subset == 'longtail' else 'all'} | {short} {mode} | "
-                     f"{_reference(spec, row)} | {','.join(map(str, row.test_seeds))} | "
+                     f"{_reference(spec, row)}{' (of the finished)' if missing.get(row.backbone) else ''} | "
+                     f"{','.join(map(str, row.test_seeds))} | "
                      f"{row.n_users} | {row.diff_vs_baseline:+.4f} [{row.diff_ci95_low:+.4f}, "
                      f"{row.diff_ci95_high:+.4f}] | {_p(row.p_value)} | {_p(row.p_value_wilcoxon)} | "
                      f"{_fmt(row.min_detectable_diff)} |")
@@ -404,7 +406,23 @@ def _significance_table(spec: ExperimentSpec, rows: Sequence[Row], subsets: Sequ
     lines += ["", f"{significant} of {len(compared)} comparisons have p < 0.05 (t-test); the smallest difference "
               f"this report could detect ranges from {min(detectable):.4f} to {max(detectable):.4f} "
               "(same units as the metric)." if detectable else ""]
+    for backbone in sorted(missing, key=lambda b: order.get(b, 99)):
+        # A grid part-way through: the best of the finished baselines is not the grid's best baseline, and a
+        # `*` against it says nothing about the baselines still training.
+        lines += ["", f"{spec.backbone_label(backbone)}: the best baseline is the best of the finished ones only; "
+                  f"not finished on this backbone: {', '.join(spec.method_label(m) for m in missing[backbone])}."]
     return lines
+
+
+def _missing_baselines(spec: ExperimentSpec, rows: Sequence[Row]) -> dict[str, list[str]]:
+    """Per backbone the proposed method has rows for, the spec's baselines with no row there yet."""
+    baselines = [m.name for m in spec.methods if m.baseline and m.name != spec.proposed]
+    missing: dict[str, list[str]] = {}
+    for backbone in {r.backbone for r in rows if r.method == spec.proposed}:
+        present = {r.method for r in rows if r.backbone == backbone}
+        if absent := [m for m in baselines if m not in present]:
+            missing[backbone] = absent
+    return missing
 
 
 def _reference(spec: ExperimentSpec, row: Row) -> str:

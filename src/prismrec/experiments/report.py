@@ -196,7 +196,7 @@ def build_rows(spec: ExperimentSpec, results: Sequence[CellResult], dataset: str
                     rows.append(row)
                     index[(backbone, method, axes, metric, mode, subset)] = row
                     by_seed[(backbone, method, axes, metric, mode, subset)] = seed_values
-    baselines = {m.name for m in spec.methods if m.baseline and m.name != spec.proposed}
+    baselines = _baseline_names(spec)
     for (backbone, method, axes, metric, mode, subset), row in index.items():
         if method != spec.proposed or metric not in spec.test_metrics:
             continue
@@ -389,7 +389,7 @@ def _significance_table(spec: ExperimentSpec, rows: Sequence[Row], subsets: Sequ
              "Δ [95% CI] | p (t) | p (Wilcoxon) | MDD |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     order = {b.name: i for i, b in enumerate(spec.backbones)}
-    missing = {} if sweep else _missing_baselines(spec, rows)
+    missing = _missing_baselines(spec, rows)  # empty for a sweep: it has no baselines
     for row in sorted(compared, key=lambda r: (order.get(r.backbone, 99), SUBSETS.index(r.subset),
                                                tuple(sorted(r.axes.items())), r.metric, MODES.index(r.mode))):
         where = ", ".join([spec.backbone_label(row.backbone), *(f"{k}={v}" for k, v in sorted(row.axes.items()))])
@@ -414,9 +414,14 @@ def _significance_table(spec: ExperimentSpec, rows: Sequence[Row], subsets: Sequ
     return lines
 
 
+def _baseline_names(spec: ExperimentSpec) -> list[str]:
+    """The methods the proposed one is tested against, in the spec's order (reference rows are not counted)."""
+    return [m.name for m in spec.methods if m.baseline and m.name != spec.proposed]
+
+
 def _missing_baselines(spec: ExperimentSpec, rows: Sequence[Row]) -> dict[str, list[str]]:
     """Per backbone the proposed method has rows for, the spec's baselines with no row there yet."""
-    baselines = [m.name for m in spec.methods if m.baseline and m.name != spec.proposed]
+    baselines = _baseline_names(spec)
     missing: dict[str, list[str]] = {}
     for backbone in {r.backbone for r in rows if r.method == spec.proposed}:
         present = {r.method for r in rows if r.backbone == backbone}
